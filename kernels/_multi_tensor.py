@@ -1,0 +1,56 @@
+"""Shared plumbing of the fused optimizer kernels: tables of tensor addresses and the Triton/CPU switch.
+
+A fused optimizer step touches many tensors in one launch. Each kernel reads a small int64 table of raw
+device addresses (one row per tensor) and casts them to typed pointers, so the parameters never need to live in
+one flat buffer. The tables are built on the host and uploaded through pinned memory with a non-blocking copy,
+which queues behind the previous work instead of waiting for it (no host sync).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Kernels use 16-byte vector loads when every table address is a multiple of this (the caching allocator gives
+# 512-byte aligned blocks; only views with odd storage offsets miss it).
+ALIGN_BYTES = 16
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1), as in the CPU test suite."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether tensors on `device` go through the Triton kernels (CUDA, or any device under the interpreter)."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def tl_dtype(dtype: torch.dtype, where: str):
+    """The Triton element type of a supported floating dtype; a clear error otherwise."""
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"{where}: unsupported dtype {dtype}; expected one of float32, bfloat16, float16")
+    return _TL_DTYPES[dtype]
+
+
+def device_table(rows: list, device: torch.device) -> torch.Tensor:
+    """An int64 tensor on `device` holding `rows` (ints), uploaded without a host sync."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    # Pinned memory from torch's caching host allocator: the block is not reused before the copy has run.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@triton.jit
+def round_to_bf16(x, MANUAL: tl.constexpr):
+    """fp32 -> bf16 with round-to-nearest-even. The interpreter truncates on conversion, so under it the
+    rounding is done on the bits (finite values only; optimizer states are finite)."""
+    if MANUAL:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)

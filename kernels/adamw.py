@@ -1,0 +1,250 @@
+"""AdamW whose step is one fused Triton launch per (parameter group, dtype), whatever the number of tensors.
+
+torch's own fused AdamW already reaches near the memory-bandwidth floor; this file exists so that fastsft has one
+optimizer path it controls on every device (CPU tests under the Triton interpreter, CUDA in training), with
+bf16 parameters kept next to fp32 moments (the update is computed in fp32 and rounded once).
+
+How the launch covers many tensors: the host builds a table with one row per tensor (raw addresses of the
+parameter, its gradient and both moments, plus its length) and a work list of tiles (tensor index, first
+element). Each program loads its row, casts the addresses to typed pointers and updates BLOCK elements.
+The tile list depends only on the tensor sizes and is cached; the address table is re-uploaded only when an
+address changes (gradients re-allocated by `zero_grad(set_to_none=True)` usually come back at the same place).
+
+Math (decoupled weight decay, bias correction; identical to torch.optim.AdamW):
+    p <- p * (1 - lr * wd)
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._multi_tensor import ALIGN_BYTES, device_table, interpreter_enabled, round_to_bf16, runs_triton, tl_dtype
+
+_GPU_BLOCK = 2048
+_GPU_WARPS = 4
+# Under the interpreter a program costs ~1 ms whatever its size (numpy does the elements), so few big tiles.
+_INTERPRETER_BLOCK = 1 << 16
+
+# Row layout of the per-tensor table: param, grad, exp_avg, exp_avg_sq addresses, then numel.
+_NUMEL, _ROW = 4, 5
+
+
+@triton.jit
+def _adamw_tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, beta1, beta2, eps, weight_decay, step_size,
+                bias_correction2_sqrt, PARAM_DTYPE: tl.constexpr, IS_BF16: tl.constexpr,
+                MANUAL_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
+    # Masked accesses cannot be vectorized (the tensor length is unknown), so full tiles go unmasked.
+    if MASKED:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptrs, mask=mask)
+        v = tl.load(v_ptrs, mask=mask)
+    else:
+        # Cast right after each load: the update is fp32 math whatever the parameter dtype.
+        p = tl.load(p_ptrs).to(tl.float32)
+        g = tl.load(g_ptrs).to(tl.float32)
+        m = tl.load(m_ptrs)
+        v = tl.load(v_ptrs)
+
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p - step_size * (m / denom)
+
+    if IS_BF16:
+        p_out = round_to_bf16(p, MANUAL_ROUNDING)
+    else:
+        p_out = p.to(PARAM_DTYPE)
+    if MASKED:
+        tl.store(m_ptrs, m, mask=mask)
+        tl.store(v_ptrs, v, mask=mask)
+        tl.store(p_ptrs, p_out, mask=mask)
+    else:
+        tl.store(m_ptrs, m)
+        tl.store(v_ptrs, v)
+        tl.store(p_ptrs, p_out)
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr,  # (T, 5) int64: param, grad, exp_avg, exp_avg_sq addresses, numel
+    tile_tensor_ptr,  # (tiles,) int32: which tensor a tile belongs to
+    tile_start_ptr,  # (tiles,) int64: first element of the tile in its tensor
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step_size,  # lr / (1 - beta1^t)
+    bias_correction2_sqrt,  # sqrt(1 - beta2^t)
+    PARAM_DTYPE: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    MANUAL_ROUNDING: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    t = tl.load(tile_tensor_ptr + tile).to(tl.int64)
+    start = tl.load(tile_start_ptr + tile)
+    row = table_ptr + t * 5  # _ROW
+    numel = tl.load(row + 4)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptrs = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE)) + offs
+    g_ptrs = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE)) + offs
+    m_ptrs = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + offs
+    v_ptrs = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + offs
+    if ALIGNED:
+        # Every address is 16-byte aligned and tiles start at multiples of BLOCK: allow 16-byte vector accesses.
+        p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, 16), BLOCK)
+        g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
+        m_ptrs = tl.max_contiguous(tl.multiple_of(m_ptrs, 16), BLOCK)
+        v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, 16), BLOCK)
+    if start + BLOCK <= numel:
+        _adamw_tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs < numel, lr, beta1, beta2, eps, weight_decay, step_size,
+                    bias_correction2_sqrt, PARAM_DTYPE, IS_BF16, MANUAL_ROUNDING, MASKED=False)
+    else:
+        _adamw_tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs < numel, lr, beta1, beta2, eps, weight_decay, step_size,
+                    bias_correction2_sqrt, PARAM_DTYPE, IS_BF16, MANUAL_ROUNDING, MASKED=True)
+
+
+def adamw_reference_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+    """Plain PyTorch AdamW step in fp32 for any parameter dtype (moments fp32), rounded once into the parameter.
+
+    For fp32 parameters this is torch.optim.AdamW's math; it is the reference of the bf16 tests and the path used
+    for CPU tensors when Triton is not interpreting.
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p32 = p.float() * (1 - lr * weight_decay)
+        g32 = g.float()
+        m.lerp_(g32, 1 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        p32 = p32 - (lr / bias_correction1) * (m / denom)
+        p.copy_(p32)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with a fused multi-tensor Triton step (see module docstring).
+
+    State per parameter, under torch's names: `step` (int), `exp_avg` and `exp_avg_sq` (fp32 whatever the
+    parameter dtype). `group["lr"]` (and every other hyperparameter) is read at each step, so a scheduler may
+    change it; it must be a Python number (a CUDA tensor would force a host sync).
+    `block_size` / `num_warps` tune the CUDA kernel (elements per program, warps per program).
+    """
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, block_size=None, num_warps=None):
+        _check_hyperparameters("AdamW", lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._block_size = block_size
+        self._num_warps = num_warps or _GPU_WARPS
+        self._tiles_cache = {}  # (numels, block, device) -> (tile_tensor, tile_start)
+        self._table_cache = {}  # (group index, device, dtype) -> (host rows, device table)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(f"AdamW group {gi}", group["lr"], group["betas"], group["eps"],
+                                   group["weight_decay"])
+            buckets = {}
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"AdamW: parameter {pi} of group {gi} has a sparse gradient; not supported")
+                if not p.is_contiguous():
+                    raise ValueError(f"AdamW: parameter {pi} of group {gi} (shape {tuple(p.shape)}) is not contiguous")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    # fp32 moments whatever the parameter dtype
+                    state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["step"] += 1
+                buckets.setdefault((p.device, p.dtype, state["step"]), []).append(p)
+            for (device, dtype, step), params in buckets.items():
+                self._step_bucket(gi, group, device, dtype, step, params)
+        return loss
+
+    def _step_bucket(self, gi, group, device, dtype, step, params):
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        param_dtype = tl_dtype(dtype, f"AdamW group {gi}")
+        if not runs_triton(device):
+            adamw_reference_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, wd)
+            return
+        block = self._block_size or (_INTERPRETER_BLOCK if interpreter_enabled() else _GPU_BLOCK)
+        rows = []
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            rows += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel())
+        key = (gi, device, dtype)
+        cached = self._table_cache.get(key)
+        if cached is None or cached[0] != rows:
+            aligned = all(a % ALIGN_BYTES == 0 for i, a in enumerate(rows) if i % _ROW != _NUMEL)
+            cached = (rows, device_table(rows, device), aligned)
+            self._table_cache[key] = cached
+        _, table, aligned = cached
+        tile_tensor, tile_start = self._tiles(tuple(p.numel() for p in params), block, device)
+        _adamw_kernel[(tile_tensor.numel(),)](
+            table, tile_tensor, tile_start,
+            lr, beta1, beta2, eps, wd, lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
+            PARAM_DTYPE=param_dtype, IS_BF16=dtype == torch.bfloat16, MANUAL_ROUNDING=interpreter_enabled(),
+            ALIGNED=aligned, BLOCK=block, num_warps=self._num_warps,
+        )
+
+    def _tiles(self, numels, block, device):
+        key = (numels, block, device)
+        if key not in self._tiles_cache:
+            tensor_index, starts = [], []
+            for t, n in enumerate(numels):
+                for s in range(0, n, block):
+                    tensor_index.append(t)
+                    starts.append(s)
+            self._tiles_cache[key] = (
+                device_table(tensor_index, device).to(torch.int32),
+                device_table(starts, device),
+            )
+        return self._tiles_cache[key]
+
+    def load_state_dict(self, state_dict):
+        # torch casts loaded state to the parameter dtype; our moments stay fp32, so restore them from the source.
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            state = self.state[p]
+            step = saved["step"]
+            state["step"] = int(step.item()) if torch.is_tensor(step) else int(step)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = saved[name].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+        self._table_cache.clear()
+
+
+def _check_hyperparameters(where, lr, betas, eps, weight_decay):
+    if torch.is_tensor(lr) and lr.device.type != "cpu":
+        raise TypeError(f"{where}: lr is a {lr.device} tensor; pass a Python float (reading it would sync)")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"{where}: lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"{where}: eps must be >= 0, got {eps}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {weight_decay}")

@@ -1,0 +1,173 @@
+"""fastsft.kernels.Muon against the plain-PyTorch reference of the same math (kernels/muon.py).
+
+The elementwise stages (momentum, Nesterov blend, bf16 cast + transpose, Frobenius norm, shape-scaled cautious
+update) are checked tightly with the orthogonalization switched off (zero iterations), so both sides see the same
+bf16 input; the full step is then checked within bf16 orthogonalization noise, and the orthogonalization itself
+by the singular values it produces. Odd shapes: several matrices of one shape (one stacked launch), tall, wide.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from fastsft.kernels import Muon
+from fastsft.kernels.muon import (
+    MuonWorkspace,
+    lr_shape_scale,
+    muon_reference_step,
+    muon_update_stacked,
+    ns_coefficients,
+    orthogonalize_,
+    orthogonalize_reference,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = [(13, 29), (13, 29), (13, 29), (37, 11), (37, 11), (24, 24)]  # wide x3, tall x2, square
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(0.1 * torch.randn(s, generator=g)).to(DEVICE, dtype).requires_grad_() for s in SHAPES]
+
+
+def grads_for(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(500 + step)
+    return [torch.randn(s, generator=g).to(DEVICE, dtype) for s in SHAPES]
+
+
+def stacks():
+    """Indices of SHAPES grouped by shape, in first-seen order."""
+    out = {}
+    for i, s in enumerate(SHAPES):
+        out.setdefault(s, []).append(i)
+    return out
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_elementwise_stages_match_reference(nesterov):
+    hyper = dict(lr=0.05, momentum=0.9, nesterov=nesterov, coefficients=(), weight_decay=0.2)
+    ours = [p.detach().clone() for p in make_params()]
+    ref = [p.detach().clone() for p in ours]
+    bufs = {s: torch.zeros(len(idx), *s, device=DEVICE) for s, idx in stacks().items()}
+    ref_bufs = {s: b.clone() for s, b in bufs.items()}
+    workspaces = {s: MuonWorkspace(len(idx), *s, DEVICE) for s, idx in stacks().items()}
+    for step in range(3):
+        grads = grads_for(step)
+        for s, idx in stacks().items():
+            # tile=16: several tiles per matrix with ragged edges (13, 29, 37, 11 are not multiples of 16).
+            muon_update_stacked([ours[i] for i in idx], [grads[i] for i in idx], bufs[s], workspaces[s], tile=16,
+                                **hyper)
+            muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], ref_bufs[s], **hyper)
+    for s in bufs:
+        torch.testing.assert_close(bufs[s], ref_bufs[s], rtol=1e-6, atol=1e-7)
+    for p, q, init in zip(ours, ref, make_params()):
+        # One bf16 step of the normalized update (the norm is summed in another order) times lr.
+        torch.testing.assert_close(p, q, rtol=0, atol=0.05 * 2 * 2.0**-8 * 0.5)
+        assert (p - init).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_step_matches_reference(dtype):
+    hyper = dict(lr=0.05, momentum=0.95, nesterov=True, weight_decay=0.1)
+    coefficients = ns_coefficients("polar_express", 5)
+    ours = make_params(dtype)
+    ref = [p.detach().clone() for p in ours]
+    init = [p.detach().float().clone() for p in ours]
+    ref_bufs = {s: torch.zeros(len(idx), *s, device=DEVICE) for s, idx in stacks().items()}
+    opt = Muon(ours, ns_steps=5, **hyper)
+    for step in range(3):
+        grads = grads_for(step, dtype)
+        for p, g in zip(ours, grads):
+            p.grad = g
+        opt.step()
+        for s, idx in stacks().items():
+            muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], ref_bufs[s],
+                                coefficients=coefficients, **hyper)
+    assert len(opt._stacks) == 3  # one stacked launch per shape
+    for s, idx in stacks().items():
+        ours_buf = torch.stack([opt.state[ours[i]]["momentum_buffer"] for i in idx])
+        assert ours_buf.dtype == torch.float32
+        torch.testing.assert_close(ours_buf, ref_bufs[s], rtol=1e-6, atol=1e-7)
+    for p, q, p0 in zip(ours, ref, init):
+        delta, delta_ref = p.float() - p0, q.float() - p0
+        rel = ((delta - delta_ref).norm() / delta_ref.norm()).item()
+        assert rel < (0.08 if dtype == torch.float32 else 0.12), rel
+
+
+@pytest.mark.parametrize("name, lo, hi", [("polar_express", 0.8, 1.2), ("newton_schulz", 0.6, 1.25)])
+def test_one_step_update_is_nearly_orthogonal(name, lo, hi):
+    lr = 0.01
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = Muon(params, lr=lr, momentum=0.0, coefficients=name)
+    for p, g in zip(params, grads_for(0)):
+        p.grad = g
+    opt.step()
+    for p, p0 in zip(params, before):
+        if p.shape[0] == p.shape[1]:
+            continue  # square Gaussian matrices have singular values near 0, which 5 steps cannot lift
+        update = (p0 - p.detach()) / (lr * lr_shape_scale(*p.shape))
+        sv = torch.linalg.svdvals(update.double().cpu())
+        assert lo < sv.min().item() and sv.max().item() < hi, (name, tuple(p.shape), sv.min(), sv.max())
+
+
+def test_batched_orthogonalization_tracks_the_exact_iteration():
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(3, 12, 40, generator=g).to(DEVICE)  # (K, m, n), m <= n
+    coefficients = ns_coefficients("polar_express", 5)
+    norm = G.bfloat16().float().norm(dim=(-2, -1), keepdim=True)
+    x0 = (G.bfloat16().float() * (1.0 / (norm * 1.02 + 1e-6))).bfloat16()
+    ws = MuonWorkspace(3, 12, 40, DEVICE)
+    ws.x.copy_(x0)
+    ours = orthogonalize_(ws, coefficients).double()
+    ref = orthogonalize_reference(G, coefficients).double()
+    exact = x0.double()  # the same polynomial iteration in float64
+    for a, b, c in coefficients:
+        A = exact @ exact.mT
+        exact = a * exact + (b * A + c * A @ A) @ exact
+
+    def rel(u):
+        return ((u - exact).norm() / exact.norm()).item()
+
+    # bf16 rounding noise only; the fused baddbmm epilogues round less often than the reference's separate ops.
+    assert rel(ours) < 0.04 and rel(ours) <= rel(ref) + 0.01, (rel(ours), rel(ref))
+    eye = torch.eye(12, device=DEVICE, dtype=torch.float64).expand(3, 12, 12)
+    assert ((ours @ ours.mT - eye).abs().max()).item() < 0.5  # Polar Express: singular values within ~15% of 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_continues_identically(dtype):
+    def run(opt, params, steps, first=0):
+        for step in range(first, first + steps):
+            for p, g in zip(params, grads_for(step, dtype)):
+                p.grad = g
+            opt.step()
+
+    straight = make_params(dtype)
+    opt = Muon(straight, lr=0.05, weight_decay=0.1)
+    run(opt, straight, 3)
+
+    first = make_params(dtype)
+    opt_a = Muon(first, lr=0.05, weight_decay=0.1)
+    run(opt_a, first, 1)
+    saved = copy.deepcopy(opt_a.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt_b = Muon(resumed, lr=0.05, weight_decay=0.1)
+    opt_b.load_state_dict(saved)
+    run(opt_b, resumed, 2, first=1)
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+        assert opt_b.state[p]["momentum_buffer"].dtype == torch.float32
+        assert torch.equal(opt_b.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+
+
+def test_rejects_what_muon_cannot_do():
+    with pytest.raises(ValueError, match=r"parameter 1 of group 0 has shape \(3, 4, 5\).*2D matrices only"):
+        Muon([torch.zeros(3, 4, requires_grad=True), torch.zeros(3, 4, 5, requires_grad=True)])
+    with pytest.raises(ValueError, match="shape \\(7,\\)"):
+        Muon([torch.zeros(7, requires_grad=True)])
+    with pytest.raises(ValueError, match="polar_express has 5 tuned steps"):
+        Muon([torch.zeros(3, 4, requires_grad=True)], ns_steps=6)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        Muon([torch.zeros(3, 4, requires_grad=True)], momentum=1.5)
