@@ -1,0 +1,188 @@
+// Rendering conversations to token ids + supervision mask (C++ side of fastsft.packing.render_batch).
+//
+// Python validates the conversations, turns each into a short program of "ops" (a special token or a text
+// span, each with its mask value packed into the op's code) and encodes all text spans of the batch in one
+// tokenizer call. Here the ops are expanded into one flat ids array and one flat mask array with
+// per-conversation offsets, truncated to max_tokens per conversation, with the GIL released. No Python object
+// is touched per token except in flatten_token_lists, which copies the tokenizer's output lists into one
+// int32 array.
+#include <Python.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "array_checks.h"
+#include "buffer_pool.h"
+
+namespace fastsft {
+
+namespace {
+
+// Token ids are small non-negative ints; where CPython exposes the int layout, read a one-digit int directly
+// instead of through PyLong_AsLong (a function call and a type check per token). false = use the slow path.
+inline bool read_compact_int(PyObject* o, long* out) {
+#if PY_VERSION_HEX >= 0x030C0000  // the unstable C API for compact ints
+  if (PyLong_CheckExact(o) && PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) {
+    *out = static_cast<long>(PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o)));
+    return true;
+  }
+#elif PY_VERSION_HEX >= 0x030B0000  // 3.11: Python.h includes cpython/longintrepr.h (sign in ob_size)
+  if (PyLong_CheckExact(o)) {
+    const Py_ssize_t size = Py_SIZE(o);
+    if (size == 0 || size == 1) {
+      *out = size == 0 ? 0 : static_cast<long>(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+      return true;
+    }
+  }
+#else
+  (void)o;
+  (void)out;
+#endif
+  return false;
+}
+
+// list[list[int]] (the tokenizer's encode_batch output) -> (tokens int32 (T,), span_offsets int64 (S+1,)).
+// Runs with the GIL held (it reads Python ints) but with the C API, not a Python-level loop.
+py::tuple flatten_token_lists(const py::object& lists) {
+  PyObject* outer = PySequence_Fast(lists.ptr(), "flatten_token_lists: expected a list of lists of token ids");
+  if (outer == nullptr) throw py::error_already_set();
+  py::object outer_guard = py::reinterpret_steal<py::object>(outer);
+  const Py_ssize_t num_spans = PySequence_Fast_GET_SIZE(outer);
+  PyObject** spans = PySequence_Fast_ITEMS(outer);
+
+  std::vector<py::object> inner(num_spans);
+  py::array_t<int64_t> offsets_arr(num_spans + 1);
+  int64_t* offsets = offsets_arr.mutable_data();
+  offsets[0] = 0;
+  for (Py_ssize_t s = 0; s < num_spans; ++s) {
+    PyObject* seq = PySequence_Fast(spans[s], "flatten_token_lists: every span must be a list of token ids");
+    if (seq == nullptr) throw py::error_already_set();
+    inner[s] = py::reinterpret_steal<py::object>(seq);
+    offsets[s + 1] = offsets[s] + PySequence_Fast_GET_SIZE(seq);
+  }
+  py::array_t<int32_t> tokens_arr = pooled_array<int32_t>({offsets[num_spans]});
+  int32_t* tokens = tokens_arr.mutable_data();
+  for (Py_ssize_t s = 0; s < num_spans; ++s) {
+    PyObject* seq = inner[s].ptr();
+    const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    int32_t* dst = tokens + offsets[s];
+    for (Py_ssize_t j = 0; j < len; ++j) {
+      long v;
+      if (!read_compact_int(items[j], &v)) {
+        v = PyLong_AsLong(items[j]);
+        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+      }
+      if (v < 0 || v > INT32_MAX) {
+        throw py::value_error("flatten_token_lists: span " + std::to_string(s) + " position " + std::to_string(j) +
+                              " holds token id " + std::to_string(v) + ", outside [0, 2^31)");
+      }
+      dst[j] = static_cast<int32_t>(v);
+    }
+  }
+  return py::make_tuple(tokens_arr, offsets_arr);
+}
+
+// ops: int64 (M,), one program for the whole batch; every op carries the mask value m of what it emits:
+//   op >= 0: the special token op >> 1 with mask op & 1;
+//   op == -1 / -2: the NEXT text span (spans are used in order, each exactly once) with mask 0 / 1.
+// conv_ops: int64 (N+1,), the ops of conversation i are ops[conv_ops[i]:conv_ops[i+1]].
+// Returns (ids int32 (L,), mask uint8 (L,), offsets int64 (N+1,)), each conversation cut to max_tokens.
+py::tuple render_assemble(const py::array& tokens_arr, const py::array& span_offsets_arr, const py::array& ops_arr,
+                          const py::array& conv_ops_arr, int64_t max_tokens) {
+  const char* fn = "render_assemble";
+  const int32_t* tokens = checked_1d<int32_t>(tokens_arr, fn, "tokens");
+  const int64_t* span_offsets = checked_1d<int64_t>(span_offsets_arr, fn, "span_offsets");
+  const int64_t* ops = checked_1d<int64_t>(ops_arr, fn, "ops");
+  const int64_t* conv_ops = checked_1d<int64_t>(conv_ops_arr, fn, "conv_ops");
+  const int64_t num_spans = span_offsets_arr.shape(0) - 1;
+  const int64_t num_ops = ops_arr.shape(0);
+  const int64_t n = conv_ops_arr.shape(0) - 1;
+  if (max_tokens < 1) {
+    throw py::value_error("render_assemble: max_tokens must be >= 1, got " + std::to_string(max_tokens));
+  }
+  check_offsets(span_offsets, num_spans + 1, tokens_arr.shape(0), fn, "span_offsets");
+  check_offsets(conv_ops, n + 1, num_ops, fn, "conv_ops");
+  int64_t span_ops = 0;
+  for (int64_t k = 0; k < num_ops; ++k) {
+    if (ops[k] < -2 || (ops[k] >> 1) > INT32_MAX) {
+      throw py::value_error("render_assemble: op " + std::to_string(k) + " = " + std::to_string(ops[k]) +
+                            " is neither 2 * token id + mask (token id < 2^31) nor -1 / -2 (next text span)");
+    }
+    span_ops += ops[k] < 0;
+  }
+  if (span_ops != num_spans) {
+    throw py::value_error("render_assemble: the ops use " + std::to_string(span_ops) + " text spans but " +
+                          std::to_string(num_spans) + " were given");
+  }
+
+  // Pass 1: the rendered length of every conversation (then prefix sums) and its first text span.
+  py::array_t<int64_t> offsets_arr(n + 1);
+  int64_t* offsets = offsets_arr.mutable_data();
+  std::vector<int64_t> first_span(n);
+  {
+    py::gil_scoped_release release;
+    offsets[0] = 0;
+    int64_t span = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      first_span[i] = span;
+      int64_t len = 0;
+      for (int64_t k = conv_ops[i]; k < conv_ops[i + 1]; ++k) {
+        if (ops[k] >= 0) {
+          len += 1;
+        } else {
+          len += span_offsets[span + 1] - span_offsets[span];
+          ++span;
+        }
+      }
+      offsets[i + 1] = offsets[i] + std::min(len, max_tokens);
+    }
+  }
+  // Pass 2: copy the tokens, stopping each conversation at its (possibly truncated) length.
+  // Every element is written (the ops cover each conversation up to its length), so pooled memory is fine.
+  py::array_t<int32_t> ids_arr = pooled_array<int32_t>({offsets[n]});
+  py::array_t<uint8_t> mask_arr = pooled_array<uint8_t>({offsets[n]});
+  int32_t* ids = ids_arr.mutable_data();
+  uint8_t* mask = mask_arr.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t pos = offsets[i];
+      const int64_t end = offsets[i + 1];
+      int64_t span = first_span[i];
+      for (int64_t k = conv_ops[i]; k < conv_ops[i + 1] && pos < end; ++k) {
+        if (ops[k] >= 0) {
+          ids[pos] = static_cast<int32_t>(ops[k] >> 1);
+          mask[pos] = static_cast<uint8_t>(ops[k] & 1);
+          ++pos;
+        } else {
+          const int64_t len = std::min(span_offsets[span + 1] - span_offsets[span], end - pos);
+          std::memcpy(ids + pos, tokens + span_offsets[span], static_cast<size_t>(len) * sizeof(int32_t));
+          std::memset(mask + pos, ops[k] == -2 ? 1 : 0, static_cast<size_t>(len));
+          pos += len;
+          ++span;
+        }
+      }
+    }
+  }
+  return py::make_tuple(ids_arr, mask_arr, offsets_arr);
+}
+
+}  // namespace
+
+void register_render(py::module_& m) {
+  m.def("flatten_token_lists", &flatten_token_lists, py::arg("lists"),
+        "list[list[int]] -> (tokens int32 (T,), span_offsets int64 (S+1,)).");
+  m.def("render_assemble", &render_assemble, py::arg("tokens"), py::arg("span_offsets"), py::arg("ops"),
+        py::arg("conv_ops"), py::arg("max_tokens"),
+        "Expand per-conversation ops (2 * special id + mask, or -1 / -2: the next text span with mask 0 / 1) into "
+        "flat ids int32 / mask uint8 with offsets int64 (N+1), truncating each conversation to max_tokens.");
+}
+
+}  // namespace fastsft

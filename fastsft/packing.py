@@ -1,0 +1,356 @@
+"""The data path between the tokenizer and the model: render conversations to ids + mask, pack them into rows.
+
+Why this file exists: the training step must never wait for data, so both steps run in C++ (csrc/render.cpp,
+csrc/pack.cpp) on flat numpy arrays with the GIL released; Python only validates, encodes every text span of a
+batch in ONE tokenizer call and describes the conversation structure. The plain-Python references
+(fastsft.chat.render_conversation and pack_rows_reference here) define the results; tests check the C++ path
+against them exactly.
+
+Rendering. render_batch(tokenizer, conversations, max_tokens) -> list of (ids int32, mask uint8) arrays, equal to
+render_conversation bit for bit (each conversation cut to its first max_tokens tokens). render_batch_flat returns
+the same as one RenderedBatch (ids, mask back to back, offsets), which pack_rows consumes without splitting.
+
+Packing algorithm (pack_rows and pack_rows_reference, identical by construction and by test):
+  1. Every conversation of length > seq_len is cut to its first seq_len tokens (counted in num_truncated when
+     placed). Empty conversations are an error.
+  2. Best-fit decreasing: conversations are visited by clipped length, longest first, ties in input order
+     (a stable sort). Each goes to the row with the least free space that still holds it, ties to the lowest
+     row index. Inside a row, conversations sit in the order they were placed, back to back from offset 0.
+  3. num_rows=None: a new row is opened when no row has room (so rows = as many as needed). num_rows=R: exactly
+     R rows; a conversation that fits in no row is left over, and so is one that would make the number of
+     cu_seqlens segments exceed max_seqs, counting one padding segment for each of the R rows (conservative:
+     a row that ends up exactly full needs none). Left-over indices are returned in `leftover` (ascending) so a
+     streaming loader can carry them into the next batch; nothing is dropped silently.
+  4. Each row's free tail is padding: pad_id tokens, targets -1, positions 0, 1, ... as one segment.
+
+Row tensors: input_ids = the conversation tokens; targets[t] = the next token of the same conversation where
+that token is supervised (mask 1), else -1; the last token of each conversation (also of a truncated one) and all
+padding get -1. position_ids restart at 0 for every conversation and padding segment. cu_seqlens (int32) marks
+every segment boundary over the flattened rows*seq_len stream, starting at 0 and padded to the FIXED length
+max_seqs + 1 by repeating the total, so compiled kernels see one shape. max_seqs defaults to
+default_max_seqs(rows, seq_len) = rows * (seq_len // 64 + 1), e.g. 33 segments per row of 2048 (mean
+conversation >= 62 tokens); with num_rows=None a packing that needs more segments raises (pass max_seqs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastsft import _C
+from fastsft.chat import normalize_conversation
+
+SEGMENTS_PER_ROW_DIVISOR = 64  # default budget: one segment per 64 tokens of a row, plus one for its padding
+
+# Mask value of each assistant part's tokens and the specials around it (None = no special).
+_PART_OPS = {
+    "text": (None, None, 1),
+    "python": ("<|python_start|>", "<|python_end|>", 1),
+    "python_output": ("<|output_start|>", "<|output_end|>", 0),
+}
+
+
+def default_max_seqs(rows: int, seq_len: int) -> int:
+    """The default cu_seqlens budget (number of segments) for `rows` rows of `seq_len` tokens."""
+    return rows * (seq_len // SEGMENTS_PER_ROW_DIVISOR + 1)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RenderedBatch:
+    """Rendered conversations back to back: conversation i is ids[offsets[i]:offsets[i+1]] (same for mask)."""
+
+    ids: np.ndarray  # (L,) int32
+    mask: np.ndarray  # (L,) uint8, 1 = supervised target
+    offsets: np.ndarray  # (N+1,) int64, offsets[0] = 0, offsets[-1] = L
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.ids[start:end], self.mask[start:end]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)  # (N,)
+
+    def to_list(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-conversation (ids, mask) views into the flat arrays."""
+        bounds = self.offsets.tolist()
+        return [(self.ids[a:b], self.mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def render_batch_flat(tokenizer, conversations: Iterable, max_tokens: int = 2048) -> RenderedBatch:
+    """Render a batch of conversations with one encode_batch call and the C++ assembler.
+
+    The batch becomes one list of ops, each carrying the mask value m of what it emits: a special token t is
+    2*t + m; -1 / -2 is the next text span (texts are used in order) with mask 0 / 1. Validation errors carry
+    the conversation's batch index.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+
+    def special(name: str, mask: int) -> int:
+        return 2 * tokenizer.encode_special(name) + mask
+
+    text_ops = (-1, -2)  # next text span with mask 0 / 1
+    bos = 2 * tokenizer.bos_id
+    user_ops = (special("<|user_start|>", 0), text_ops[0], special("<|user_end|>", 0))
+    assistant_start, assistant_end = special("<|assistant_start|>", 0), special("<|assistant_end|>", 1)
+    assistant_text_ops = (assistant_start, text_ops[1], assistant_end)
+    part_ops = {}  # part type -> its ops, specials around the text included
+    for kind, (opening, closing, m) in _PART_OPS.items():
+        part_ops[kind] = (text_ops[m],) if opening is None else (special(opening, m), text_ops[m], special(closing, m))
+
+    texts: list[str] = []
+    add_text = texts.append
+    ops: list[int] = []
+    add_op = ops.append
+    conv_ops = [0]
+    for index, conversation in enumerate(conversations):
+        add_op(bos)
+        for message in normalize_conversation(conversation, index):
+            content = message["content"]
+            if message["role"] == "user":
+                add_text(content)
+                ops += user_ops
+            elif isinstance(content, str):
+                add_text(content)
+                ops += assistant_text_ops
+            else:
+                add_op(assistant_start)
+                for part in content:
+                    add_text(part["text"])
+                    ops += part_ops[part["type"]]
+                add_op(assistant_end)
+        conv_ops.append(len(ops))
+
+    tokens, span_offsets = _C.flatten_token_lists(tokenizer.encode_batch(texts) if texts else [])
+    ids, mask, offsets = _C.render_assemble(
+        tokens, span_offsets, np.array(ops, dtype=np.int64), np.array(conv_ops, dtype=np.int64), max_tokens
+    )
+    return RenderedBatch(ids, mask, offsets)
+
+
+def render_batch(tokenizer, conversations: Iterable, max_tokens: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-conversation (ids int32, mask uint8) arrays, equal to fastsft.chat.render_conversation bit for bit."""
+    return render_batch_flat(tokenizer, conversations, max_tokens).to_list()
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Rows of packed conversations; see the module docstring for the exact layout."""
+
+    input_ids: np.ndarray  # (rows, seq_len) int64
+    targets: np.ndarray  # (rows, seq_len) int64, -1 = not supervised
+    position_ids: np.ndarray  # (rows, seq_len) int64, restart at 0 per segment
+    cu_seqlens: np.ndarray  # (max_seqs + 1,) int32 over the flattened rows*seq_len stream
+    max_seqlen: int  # = seq_len
+    num_seqs: int  # real segments in cu_seqlens (conversations + padded row tails)
+    num_supervised: int  # targets != -1
+    num_tokens: int  # real (non-padding) tokens
+    num_truncated: int  # placed conversations cut to seq_len
+    efficiency: float  # num_tokens / (rows * seq_len)
+    leftover: np.ndarray  # (K,) int64 ascending indices of conversations not placed (num_rows given)
+    placement: np.ndarray  # (N, 3) int64 (row, offset, placed length) per conversation; -1, -1, 0 if left over
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def _as_flat(rendered, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RenderedBatch or a sequence of (ids, mask) pairs -> flat ids int32, mask uint8, offsets int64 (validated)."""
+    if isinstance(rendered, RenderedBatch):
+        ids, mask, offsets = rendered.ids, rendered.mask, rendered.offsets
+        if ids.dtype != np.int32 or mask.dtype != np.uint8 or offsets.dtype != np.int64:
+            raise TypeError(
+                f"{where}: RenderedBatch needs ids int32, mask uint8, offsets int64; got "
+                f"{ids.dtype}, {mask.dtype}, {offsets.dtype}"
+            )
+        return np.ascontiguousarray(ids), np.ascontiguousarray(mask), np.ascontiguousarray(offsets)
+    if not isinstance(rendered, Sequence):
+        raise TypeError(f"{where}: rendered must be a RenderedBatch or a sequence of (ids, mask) pairs, "
+                        f"got {type(rendered).__name__}")
+    id_parts, mask_parts = [], []
+    offsets = np.zeros(len(rendered) + 1, dtype=np.int64)
+    for i, pair in enumerate(rendered):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{where}: rendered[{i}] must be an (ids, mask) pair")
+        ids, mask = np.asarray(pair[0]), np.asarray(pair[1])
+        if ids.ndim != 1 or mask.ndim != 1:
+            raise ValueError(f"{where}: rendered[{i}] ids and mask must be 1-D, got shapes {ids.shape}, {mask.shape}")
+        if len(ids) != len(mask):
+            raise ValueError(f"{where}: rendered[{i}] has {len(ids)} ids but {len(mask)} mask values")
+        if len(ids) and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"{where}: rendered[{i}] ids must be integers, got dtype {ids.dtype}")
+        if len(mask) and not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
+            raise TypeError(f"{where}: rendered[{i}] mask must be bool or 0/1 integers, got dtype {mask.dtype}")
+        id_parts.append(ids)
+        mask_parts.append(mask)
+        offsets[i + 1] = offsets[i] + len(ids)
+    ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
+    mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)
+    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        bad = int(np.flatnonzero((ids < 0) | (ids > np.iinfo(np.int32).max))[0])
+        conv = int(np.searchsorted(offsets, bad, side="right") - 1)
+        raise ValueError(f"{where}: rendered[{conv}] holds token id {ids[bad]}, outside [0, 2^31)")
+    if len(mask) and (mask.min() < 0 or mask.max() > 1):
+        bad = int(np.flatnonzero((mask < 0) | (mask > 1))[0])
+        conv = int(np.searchsorted(offsets, bad, side="right") - 1)
+        raise ValueError(f"{where}: rendered[{conv}] mask holds {mask[bad]}; mask values must be 0 or 1")
+    return ids.astype(np.int32), mask.astype(np.uint8), offsets
+
+
+def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs):
+    seq_len = _check_int("seq_len", seq_len, 1)
+    if num_rows is not None:
+        num_rows = _check_int("num_rows", num_rows, 0)
+    pad_id = _check_int("pad_id", pad_id, 0)
+    if max_seqs is not None:
+        max_seqs = _check_int("max_seqs", max_seqs, 0)
+    if len(lengths) and lengths.min() < 1:
+        raise ValueError(f"{where}: rendered[{int(np.argmin(lengths))}] is empty; every conversation needs a token")
+    if num_rows is not None:
+        if max_seqs is None:
+            max_seqs = default_max_seqs(num_rows, seq_len)
+        if max_seqs < num_rows:
+            raise ValueError(f"{where}: max_seqs={max_seqs} < num_rows={num_rows}; every row needs a segment")
+    return seq_len, num_rows, pad_id, max_seqs
+
+
+def _check_segments(where, num_segments, rows, seq_len, max_seqs):
+    if max_seqs is None:
+        max_seqs = default_max_seqs(rows, seq_len)
+    if num_segments > max_seqs:
+        raise ValueError(
+            f"{where}: the packing into {rows} rows needs {num_segments} cu_seqlens segments (conversations + "
+            f"padded row tails) but max_seqs={max_seqs}; pass a larger max_seqs"
+        )
+    return max_seqs
+
+
+def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
+              max_seqs: int | None = None) -> PackedBatch:
+    """Pack rendered conversations (RenderedBatch or (ids, mask) pairs) into rows of seq_len tokens, in C++.
+
+    pad_id: the token written into padding (its targets are -1 and it is its own segment, so any id works;
+    nanochat uses BOS). See the module docstring for the algorithm and the layout.
+    """
+    ids, mask, offsets = _as_flat(rendered, "pack_rows")
+    lengths = np.diff(offsets)
+    seq_len, num_rows, pad_id, max_seqs = _check_pack_args("pack_rows", lengths, seq_len, num_rows, pad_id, max_seqs)
+    row, offset, placed, rows, num_segments = _C.pack_place(
+        lengths, seq_len, -1 if num_rows is None else num_rows, -1 if max_seqs is None else max_seqs
+    )
+    max_seqs = _check_segments("pack_rows", num_segments, rows, seq_len, max_seqs)
+    input_ids, targets, position_ids, cu_seqlens, num_supervised, num_tokens, num_seqs = _C.pack_fill(
+        ids, mask, offsets, row, offset, placed, rows, seq_len, pad_id, max_seqs
+    )
+    return PackedBatch(
+        input_ids=input_ids,
+        targets=targets,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=seq_len,
+        num_seqs=num_seqs,
+        num_supervised=num_supervised,
+        num_tokens=num_tokens,
+        num_truncated=int(np.count_nonzero((row >= 0) & (lengths > seq_len))),
+        efficiency=num_tokens / (rows * seq_len) if rows else 0.0,
+        leftover=np.flatnonzero(row < 0).astype(np.int64),
+        placement=np.stack([row, offset, placed], axis=1) if len(row) else np.zeros((0, 3), dtype=np.int64),
+    )
+
+
+def pack_rows_reference(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
+                        max_seqs: int | None = None) -> PackedBatch:
+    """The plain-Python definition of pack_rows (per-token loops; slow on purpose, for tests and benchmarks)."""
+    ids, mask, offsets = _as_flat(rendered, "pack_rows_reference")
+    lengths_arr = np.diff(offsets)
+    seq_len, num_rows, pad_id, max_seqs = _check_pack_args(
+        "pack_rows_reference", lengths_arr, seq_len, num_rows, pad_id, max_seqs
+    )
+    convs = [(ids[offsets[i]:offsets[i + 1]].tolist(), mask[offsets[i]:offsets[i + 1]].tolist())
+             for i in range(len(lengths_arr))]
+    lengths = [min(len(conv_ids), seq_len) for conv_ids, _ in convs]
+
+    # Placement: best-fit decreasing (see the module docstring).
+    order = sorted(range(len(convs)), key=lambda i: -lengths[i])
+    free = [seq_len] * num_rows if num_rows is not None else []
+    placement = [(-1, -1, 0)] * len(convs)
+    num_placed = 0
+    for i in order:
+        length = lengths[i]
+        if num_rows is not None and num_placed + 1 + num_rows > max_seqs:
+            continue
+        best = -1
+        for r in range(len(free)):
+            if free[r] >= length and (best < 0 or free[r] < free[best]):
+                best = r
+        if best < 0:
+            if num_rows is not None:
+                continue
+            free.append(seq_len)
+            best = len(free) - 1
+        placement[i] = (best, seq_len - free[best], length)
+        free[best] -= length
+        num_placed += 1
+    rows = len(free)
+
+    # Rows, token by token.
+    input_ids = [[pad_id] * seq_len for _ in range(rows)]
+    targets = [[-1] * seq_len for _ in range(rows)]
+    positions = [[0] * seq_len for _ in range(rows)]
+    bounds = [0]
+    num_supervised = num_tokens = 0
+    for r in range(rows):
+        in_row = sorted((placement[i][1], i) for i in range(len(convs)) if placement[i][0] == r)
+        cursor = 0
+        for start, i in in_row:
+            conv_ids, conv_mask = convs[i]
+            length = placement[i][2]
+            for j in range(length):
+                input_ids[r][start + j] = conv_ids[j]
+                positions[r][start + j] = j
+                if j + 1 < length and conv_mask[j + 1] == 1:
+                    targets[r][start + j] = conv_ids[j + 1]
+                    num_supervised += 1
+            cursor = start + length
+            num_tokens += length
+            bounds.append(r * seq_len + cursor)
+        if cursor < seq_len:
+            for j in range(cursor, seq_len):
+                positions[r][j] = j - cursor
+            bounds.append((r + 1) * seq_len)
+    num_seqs = len(bounds) - 1
+    max_seqs = _check_segments("pack_rows_reference", num_seqs, rows, seq_len, max_seqs)
+    cu_seqlens = bounds + [rows * seq_len] * (max_seqs + 1 - len(bounds))
+
+    def as_rows(table):
+        return np.array(table, dtype=np.int64).reshape(rows, seq_len)
+
+    return PackedBatch(
+        input_ids=as_rows(input_ids),
+        targets=as_rows(targets),
+        position_ids=as_rows(positions),
+        cu_seqlens=np.array(cu_seqlens, dtype=np.int32),
+        max_seqlen=seq_len,
+        num_seqs=num_seqs,
+        num_supervised=num_supervised,
+        num_tokens=num_tokens,
+        num_truncated=sum(1 for i, p in enumerate(placement) if p[0] >= 0 and len(convs[i][0]) > seq_len),
+        efficiency=num_tokens / (rows * seq_len) if rows else 0.0,
+        leftover=np.array([i for i, p in enumerate(placement) if p[0] < 0], dtype=np.int64),
+        placement=np.array(placement, dtype=np.int64).reshape(len(convs), 3),
+    )

@@ -1,0 +1,309 @@
+"""pack_rows (C++) against its invariants and against pack_rows_reference (plain Python), plus bad-input errors."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastsft import _C
+from fastsft.packing import RenderedBatch, default_max_seqs, pack_rows, pack_rows_reference, render_batch_flat
+from fastsft.tokenizer import Tokenizer
+
+FIELDS = ("input_ids", "targets", "position_ids", "cu_seqlens", "max_seqlen", "num_seqs", "num_supervised",
+          "num_tokens", "num_truncated", "efficiency", "leftover", "placement")
+
+
+def random_rendered(rng: np.random.Generator, n: int, max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n conversations of mixed lengths (mostly short, some long), random nonzero ids, ~60% supervised."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.7:
+            length = int(rng.integers(1, max(2, max_len // 4)))
+        else:
+            length = int(rng.integers(1, max_len + 1))
+        ids = rng.integers(1, 50_000, size=length).astype(np.int32)
+        mask = (rng.random(length) < 0.6).astype(np.uint8)
+        mask[0] = 0
+        out.append((ids, mask))
+    return out
+
+
+def assert_same(a, b):
+    for field in FIELDS:
+        x, y = getattr(a, field), getattr(b, field)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), field
+        else:
+            assert x == y, field
+
+
+def check_invariants(rendered, packed, seq_len, num_rows=None, pad_id=0, max_seqs=None):
+    rows = packed.rows
+    n = len(rendered)
+    if num_rows is not None:
+        assert rows == num_rows
+    if max_seqs is None:
+        max_seqs = default_max_seqs(rows, seq_len)
+    for name in ("input_ids", "targets", "position_ids"):
+        arr = getattr(packed, name)
+        assert arr.dtype == np.int64 and arr.shape == (rows, seq_len), name
+    assert packed.cu_seqlens.dtype == np.int32 and packed.cu_seqlens.shape == (max_seqs + 1,)
+    assert packed.max_seqlen == seq_len and packed.placement.shape == (n, 3)
+
+    # Every (conversation, position) lands in exactly one cell; nothing is lost, duplicated or split.
+    owner = np.full((rows, seq_len), -1)
+    index_in_conv = np.full((rows, seq_len), -1)
+    placed = packed.placement[:, 0] >= 0
+    assert packed.leftover.tolist() == np.flatnonzero(~placed).tolist()
+    if num_rows is None:
+        assert placed.all()
+    for i in np.flatnonzero(placed):
+        r, off, length = packed.placement[i]
+        ids, mask = rendered[i]
+        assert length == min(len(ids), seq_len)
+        assert (owner[r, off:off + length] == -1).all(), f"conversation {i} overlaps another"
+        owner[r, off:off + length] = i
+        index_in_conv[r, off:off + length] = np.arange(length)
+        assert np.array_equal(packed.input_ids[r, off:off + length], ids[:length])
+        assert np.array_equal(packed.position_ids[r, off:off + length], np.arange(length))
+        # Targets: next token of the same conversation where supervised; -1 at the conversation's last token.
+        expect = np.where(mask[1:length] == 1, ids[1:length], -1)
+        assert np.array_equal(packed.targets[r, off:off + length - 1], expect)
+        assert packed.targets[r, off + length - 1] == -1
+
+    for r in range(rows):
+        real = owner[r] >= 0
+        used = int(real.sum())
+        assert real[:used].all() and not real[used:].any(), f"row {r}: padding is not one tail"
+        assert (packed.input_ids[r, used:] == pad_id).all()
+        assert (packed.targets[r, used:] == -1).all()
+        assert np.array_equal(packed.position_ids[r, used:], np.arange(seq_len - used))
+
+    # No target crosses a conversation boundary (checked on the cells, independent of the placement table).
+    flat_owner, flat_targets, flat_ids = owner.ravel(), packed.targets.ravel(), packed.input_ids.ravel()
+    sup = np.flatnonzero(flat_targets != -1)
+    assert (sup + 1 < flat_owner.size).all()
+    assert (flat_owner[sup] >= 0).all() and np.array_equal(flat_owner[sup], flat_owner[sup + 1])
+    assert np.array_equal(flat_targets[sup], flat_ids[sup + 1])
+
+    # cu_seqlens: strictly increasing boundaries, then the total repeated; positions == arange in each segment.
+    total = rows * seq_len
+    k = packed.num_seqs
+    cu = packed.cu_seqlens.astype(np.int64)
+    assert cu[0] == 0 and cu[k] == total and (cu[k:] == total).all() and (np.diff(cu[:k + 1]) > 0).all()
+    flat_pos = packed.position_ids.ravel()
+    for start, end in zip(cu[:k], cu[1:k + 1]):
+        assert np.array_equal(flat_pos[start:end], np.arange(end - start))
+        assert np.unique(flat_owner[start:end]).size == 1  # a segment is one conversation or one padding tail
+    assert np.array_equal(np.flatnonzero(flat_pos == 0), cu[:k])
+
+    assert packed.num_supervised == int((packed.targets != -1).sum())
+    assert packed.num_tokens == int((owner >= 0).sum())
+    assert packed.efficiency == (packed.num_tokens / total if total else 0.0)
+    assert packed.num_truncated == sum(1 for i in np.flatnonzero(placed) if len(rendered[i][0]) > seq_len)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seq_len,num_rows", [(37, None), (64, 5), (128, None), (50, 1)])
+def test_pack_invariants_and_reference(seed, seq_len, num_rows):
+    rng = np.random.default_rng(seed * 100 + seq_len)
+    rendered = random_rendered(rng, int(rng.integers(1, 40)), max_len=int(seq_len * 1.5))
+    max_seqs = 200
+    packed = pack_rows(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs)
+    check_invariants(rendered, packed, seq_len, num_rows, pad_id=7, max_seqs=max_seqs)
+    assert_same(packed, pack_rows_reference(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs))
+    assert_same(packed, pack_rows(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=90), min_size=0, max_size=25),
+    seq_len=st.integers(min_value=1, max_value=64),
+    num_rows=st.one_of(st.none(), st.integers(min_value=0, max_value=6)),
+    extra_seqs=st.one_of(st.none(), st.integers(min_value=0, max_value=40)),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_pack_matches_reference_hypothesis(lengths, seq_len, num_rows, extra_seqs, seed):
+    rng = np.random.default_rng(seed)
+    rendered = [(rng.integers(1, 1000, size=n).astype(np.int32), rng.integers(0, 2, size=n).astype(np.uint8))
+                for n in lengths]
+    # A budget from tight (forces left-overs / errors) to roomy; None = the default.
+    max_seqs = None if extra_seqs is None else (num_rows or 0) + extra_seqs
+    try:
+        expected = pack_rows_reference(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error).split(":")[1][:20])):
+            pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+        return
+    packed = pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+    assert_same(packed, expected)
+    check_invariants(rendered, packed, seq_len, num_rows, max_seqs=max_seqs)
+
+
+def test_best_fit_decreasing_by_hand():
+    # Lengths 3, 5, 4, 2, 6 into rows of 8, visited as 6, 5, 4, 3, 2: 6 -> row 0 (2 free), 5 -> row 1 (3 free),
+    # 4 -> row 2 (4 free), 3 -> row 1 (tightest fit), 2 -> row 0.
+    rendered = [(np.arange(1, n + 1, dtype=np.int32), np.ones(n, dtype=np.uint8)) for n in (3, 5, 4, 2, 6)]
+    packed = pack_rows(rendered, 8, max_seqs=10)
+    assert packed.placement.tolist() == [[1, 5, 3], [1, 0, 5], [2, 0, 4], [0, 6, 2], [0, 0, 6]]
+    assert packed.cu_seqlens.tolist() == [0, 6, 8, 13, 16, 20, 24, 24, 24, 24, 24]
+    assert packed.num_seqs == 6 and packed.num_tokens == 20 and packed.efficiency == 20 / 24
+    assert packed.num_supervised == sum(n - 1 for n in (3, 5, 4, 2, 6))
+    # Two fixed rows: 4 fits nowhere after 6 and 5 are placed.
+    fixed = pack_rows(rendered, 8, num_rows=2, max_seqs=10)
+    assert fixed.leftover.tolist() == [2] and fixed.rows == 2
+    # A segment budget of 4 (one padding segment reserved per row) admits only two conversations.
+    tight = pack_rows(rendered, 8, num_rows=2, max_seqs=4)
+    assert tight.leftover.tolist() == [0, 2, 3]
+    assert tight.cu_seqlens.tolist() == [0, 6, 8, 13, 16]
+
+
+def test_truncation_is_counted_not_dropped():
+    rng = np.random.default_rng(5)
+    rendered = random_rendered(rng, 12, max_len=40) + [
+        (rng.integers(1, 99, size=100).astype(np.int32), np.ones(100, dtype=np.uint8))]
+    packed = pack_rows(rendered, 32, max_seqs=64)
+    check_invariants(rendered, packed, 32, max_seqs=64)
+    assert packed.num_truncated == sum(len(ids) > 32 for ids, _ in rendered) >= 1
+    row, offset, length = packed.placement[-1]
+    assert length == 32 and offset == 0  # the longest goes first into a fresh row
+
+
+def test_leftovers_carry_over_to_the_next_batch():
+    rng = np.random.default_rng(11)
+    rendered = random_rendered(rng, 60, max_len=64)
+    seen = []
+    pending = list(range(len(rendered)))
+    for _ in range(30):
+        if not pending:
+            break
+        packed = pack_rows([rendered[i] for i in pending], 64, num_rows=3, max_seqs=40)
+        placed = [pending[k] for k in np.flatnonzero(packed.placement[:, 0] >= 0)]
+        assert placed, "a batch must make progress"
+        seen += placed
+        pending = [pending[k] for k in packed.leftover]
+    assert sorted(seen) == list(range(len(rendered)))
+
+
+def test_pack_rendered_batch_from_the_renderer():
+    tokenizer = Tokenizer.train_from_iterator(["hello world, how are you? fine thanks " * 20], 300)
+    rng = random.Random(3)
+    conversations = [
+        {"messages": [{"role": "user", "content": "hello " * rng.randint(0, 30)},
+                      {"role": "assistant", "content": [{"type": "text", "text": "fine " * rng.randint(0, 30)},
+                                                        {"type": "python_output", "text": "how " * 3}]}]}
+        for _ in range(40)
+    ]
+    flat = render_batch_flat(tokenizer, conversations, max_tokens=90)
+    packed = pack_rows(flat, 64, num_rows=8, pad_id=tokenizer.bos_id)
+    check_invariants(flat.to_list(), packed, 64, 8, pad_id=tokenizer.bos_id)
+    assert_same(packed, pack_rows(flat.to_list(), 64, num_rows=8, pad_id=tokenizer.bos_id))
+    assert_same(packed, pack_rows_reference(flat, 64, num_rows=8, pad_id=tokenizer.bos_id))
+
+
+def test_empty_input():
+    packed = pack_rows([], 16)
+    assert packed.rows == 0 and packed.cu_seqlens.tolist() == [0] and packed.efficiency == 0.0
+    fixed = pack_rows([], 16, num_rows=2, max_seqs=3)
+    assert fixed.input_ids.shape == (2, 16) and fixed.cu_seqlens.tolist() == [0, 16, 32, 32]
+    assert_same(fixed, pack_rows_reference([], 16, num_rows=2, max_seqs=3))
+
+
+def _pair(n=5):
+    return (np.arange(1, n + 1, dtype=np.int32), np.ones(n, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("pack", [pack_rows, pack_rows_reference])
+def test_bad_input_errors(pack):
+    good = [_pair(), _pair(3)]
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        pack(good, -4)
+    with pytest.raises(TypeError, match="seq_len must be an int"):
+        pack(good, 8.0)
+    with pytest.raises(ValueError, match=r"rendered\[1\] has 3 ids but 2 mask values"):
+        pack([_pair(), (np.arange(3), np.ones(2))], 8)
+    with pytest.raises(TypeError, match=r"rendered\[0\] ids must be integers"):
+        pack([(np.ones(4, dtype=np.float32), np.ones(4, dtype=np.uint8))], 8)
+    with pytest.raises(TypeError, match=r"rendered\[0\] mask must be bool"):
+        pack([(np.ones(4, dtype=np.int64), np.ones(4, dtype=np.float64))], 8)
+    with pytest.raises(ValueError, match=r"rendered\[1\] mask holds 2"):
+        pack([_pair(), (np.arange(3), np.array([0, 2, 1]))], 8)
+    with pytest.raises(ValueError, match=r"rendered\[1\] holds token id -1"):
+        pack([_pair(), (np.array([1, -1]), np.array([0, 1]))], 8)
+    with pytest.raises(ValueError, match=r"rendered\[1\] is empty"):
+        pack([_pair(), (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8))], 8)
+    with pytest.raises(ValueError, match="needs 3 cu_seqlens segments .* max_seqs=2"):
+        pack(good, 16, max_seqs=2)
+    with pytest.raises(ValueError, match="max_seqs=1 < num_rows=2"):
+        pack(good, 16, num_rows=2, max_seqs=1)
+    with pytest.raises(ValueError, match="num_rows must be >= 0"):
+        pack(good, 16, num_rows=-1)
+    with pytest.raises(TypeError, match="RenderedBatch needs ids int32"):
+        pack(RenderedBatch(np.arange(3), np.ones(3, dtype=np.uint8), np.array([0, 3])), 8)
+    with pytest.raises(TypeError, match="sequence of \\(ids, mask\\) pairs"):
+        pack(iter(good), 8)
+
+
+def test_default_max_seqs_raises_when_exceeded_without_fixed_rows():
+    tiny = [_pair(1) for _ in range(10)]
+    assert default_max_seqs(1, 16) == 1  # 16 // 64 + 1
+    with pytest.raises(ValueError, match="max_seqs=1; pass a larger max_seqs"):
+        pack_rows(tiny, 16)
+    # With fixed rows the same budget turns the overflow into left-overs instead.
+    packed = pack_rows(tiny, 16, num_rows=1, max_seqs=4)
+    assert packed.leftover.size == 7 and packed.num_seqs == 4
+
+
+def _fill_args():
+    ids = np.arange(1, 8, dtype=np.int32)
+    mask = np.ones(7, dtype=np.uint8)
+    offsets = np.array([0, 4, 7], dtype=np.int64)
+    row, offset, length = np.array([0, 0]), np.array([0, 4]), np.array([4, 3])
+    return [ids, mask, offsets, row, offset, length]
+
+
+def test_pack_fill_rejects_wrong_arrays_and_bad_placements():
+    args = _fill_args()
+    input_ids, targets, positions, cu, *_ = _C.pack_fill(*args, 1, 8, 0, 3)
+    assert input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]] and cu.tolist() == [0, 4, 7, 8]
+    bad = list(args)
+    bad[0] = args[0].astype(np.int64)
+    with pytest.raises(TypeError, match="'ids' must be a 1-D C-contiguous int32"):
+        _C.pack_fill(*bad, 1, 8, 0, 3)
+    bad = list(args)
+    bad[4] = np.array([0, 3])  # the second conversation overlaps the first
+    with pytest.raises(ValueError, match="does not tile row 0"):
+        _C.pack_fill(*bad, 1, 8, 0, 3)
+    bad = list(args)
+    bad[5] = np.array([4, 5])  # longer than the conversation
+    with pytest.raises(ValueError, match="placement of conversation 1"):
+        _C.pack_fill(*bad, 1, 8, 0, 3)
+    with pytest.raises(ValueError, match="3 segments .* max_seqs=2"):
+        _C.pack_fill(*args, 1, 8, 0, 2)
+    with pytest.raises(TypeError, match="'lengths' must be a 1-D C-contiguous int64"):
+        _C.pack_place(np.array([3, 4], dtype=np.int32), 8, -1, -1)
+
+
+def test_recycled_buffers_are_fully_rewritten_and_never_shared():
+    # The C++ side recycles freed output buffers; results must neither alias live arrays nor keep stale values.
+    rng = np.random.default_rng(21)
+    seq_len, rows = 48, 8
+    # Full rows, every target supervised: a buffer with no -1 and no pad id anywhere.
+    dense = [(rng.integers(100, 999, size=seq_len).astype(np.int32), np.ones(seq_len, dtype=np.uint8))
+             for _ in range(rows)]
+    sparse = random_rendered(rng, 6, max_len=20)  # mostly padding
+    first = pack_rows(dense, seq_len, num_rows=rows, pad_id=3, max_seqs=64)
+    snapshot = first.input_ids.copy(), first.targets.copy(), first.position_ids.copy()
+    second = pack_rows(sparse, seq_len, num_rows=rows, pad_id=5, max_seqs=64)
+    assert all(np.array_equal(a, b) for a, b in zip(snapshot, (first.input_ids, first.targets, first.position_ids)))
+    assert not np.shares_memory(first.input_ids, second.input_ids)
+    for _ in range(3):
+        del first
+        again = pack_rows(sparse, seq_len, num_rows=rows, pad_id=5, max_seqs=64)  # may take first's buffers
+        check_invariants(sparse, again, seq_len, rows, pad_id=5, max_seqs=64)
+        assert_same(again, pack_rows_reference(sparse, seq_len, num_rows=rows, pad_id=5, max_seqs=64))
+        del again
+        first = pack_rows(dense, seq_len, num_rows=rows, pad_id=3, max_seqs=64)
