@@ -1,4 +1,4 @@
-"""The `fastsft` command line: one argparse subcommand per job (`inspect` now; `train` joins later).
+"""The `fastsft` command line: one argparse subcommand per job (`inspect`; `train`, which is a dry run for now).
 
 Each subcommand registers its own arguments in an `add_*` function and runs through `args.run(args)`, so adding
 a command touches only its own two functions and the list in `build_parser`.
@@ -46,10 +46,40 @@ def run_inspect(args) -> int:
     return 0
 
 
+def add_train(sub) -> None:
+    from fastsft.data.synthetic import DEMO_MIXTURE
+
+    p = sub.add_parser(
+        "train",
+        help="train on a data spec (for now only --dry-run: the data path of training, without a model)",
+        description="Stream one epoch of the data through the C++ renderer and packer into fixed rows x seq-len "
+        "batches and report what the model would train on. The default data is the built-in synthetic mixture.",
+    )
+    p.add_argument("--data", default=DEMO_MIXTURE, metavar="SPEC", help=f"task or mixture spec ({DEMO_MIXTURE})")
+    p.add_argument("--rows", type=int, default=8, help="rows per batch")
+    p.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per row")
+    p.add_argument("--tokenizer", metavar="PATH", default=None, help="as for inspect")
+    p.add_argument("--seed", type=int, default=42, help="mixture shuffle seed")
+    p.add_argument("--skip-bad-rows", action="store_true", help="as for inspect")
+    p.add_argument("--dry-run", action="store_true", help="run the data path only (required in this version)")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    if not args.dry_run:
+        raise ValueError("the training loop is not in this version yet; --dry-run runs its data path")
+    from fastsft.dry_run import dry_run
+
+    dry_run(args.data, rows=args.rows, seq_len=args.seq_len, tokenizer=args.tokenizer, seed=args.seed,
+            on_error="skip" if args.skip_bad_rows else "error")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsft", description="Fast supervised fine-tuning of GPT chat models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect(sub)
+    add_train(sub)
     return parser
 
 

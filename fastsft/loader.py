@@ -1,0 +1,89 @@
+"""Packed batches of fixed shape from a task, in data order: the CPU half of the training data path.
+
+Why this file exists: a training step wants `rows x seq_len` tokens with static shapes, while conversations come
+in all lengths. The stream renders conversations a chunk at a time (fastsft.packing.render_batch, C++), keeps a
+buffer of rendered conversations, and packs the buffer best-fit into `rows` rows (fastsft.packing.pack_rows);
+whatever does not fit waits in the buffer for the next batch, so nothing is dropped. Conversations longer than a
+row are cut to the row by the packer, which counts them (the renderer stops one token past the row so the packer
+can tell). The same task, order and arguments always give the same batches.
+
+Moving batches to the GPU (pinned buffers, a background thread) belongs to the training driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fastsft.packing import PackedBatch, pack_rows, render_batch
+
+SEGMENT_TOKENS = 32  # default cu_seqlens budget: a row of T tokens may hold T // 32 conversations
+
+
+@dataclass
+class StreamStats:
+    """Running totals over the batches yielded so far."""
+
+    batches: int = 0
+    conversations: int = 0  # packed into a batch
+    truncated: int = 0  # of those, cut to seq_len
+    tokens: int = 0  # real tokens
+    supervised: int = 0  # supervised targets
+    slots: int = 0  # rows * seq_len summed over batches
+
+    @property
+    def efficiency(self) -> float:
+        return self.tokens / self.slots if self.slots else 0.0
+
+
+class PackedBatchStream:
+    """Iterate over one pass of `task` as PackedBatch objects of exactly `rows` x `seq_len` tokens.
+
+    buffer: how many rendered conversations the packer chooses from (more fills rows better, delays order more).
+    render_chunk: conversations rendered per C++ call. pad_id defaults to the tokenizer's BOS, as nanochat pads.
+    """
+
+    def __init__(self, task, tokenizer, rows: int, seq_len: int, buffer: int | None = None,
+                 render_chunk: int = 256, max_seqs: int | None = None, pad_id: int | None = None):
+        if rows < 1 or seq_len < 2:
+            raise ValueError(f"need rows >= 1 and seq_len >= 2, got rows={rows}, seq_len={seq_len}")
+        self.task, self.tokenizer = task, tokenizer
+        self.rows, self.seq_len = rows, seq_len
+        # Enough short conversations to fill every row: twice the segments a batch can hold at the default below.
+        self.buffer = buffer if buffer is not None else 2 * rows * (seq_len // SEGMENT_TOKENS + 1)
+        if self.buffer < 1 or render_chunk < 1:
+            raise ValueError(f"buffer and render_chunk must be >= 1, got {self.buffer} and {render_chunk}")
+        self.render_chunk = render_chunk
+        # One segment per SEGMENT_TOKENS tokens of a row, one more, and the padding: short chat data (tens of tokens per
+        # conversation) would otherwise run out of segments before rows fill (79% vs 96% efficiency measured on
+        # the synthetic mixture at 8 x 512). Zero-length padded entries cost attention nothing.
+        self.max_seqs = max_seqs if max_seqs is not None else rows * (seq_len // SEGMENT_TOKENS + 2)
+        self.pad_id = tokenizer.bos_id if pad_id is None else pad_id
+        self.stats = StreamStats()
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        pending: list = []  # rendered (ids, mask) waiting for a row, in data order
+        next_index, total = 0, len(self.task)
+        while True:
+            while len(pending) < self.buffer and next_index < total:
+                stop = min(total, next_index + self.render_chunk)
+                conversations = [self.task[i] for i in range(next_index, stop)]
+                pending.extend(render_batch(self.tokenizer, conversations, max_tokens=self.seq_len + 1))
+                next_index = stop
+            if not pending:
+                return
+            packed = pack_rows(pending, self.seq_len, num_rows=self.rows, pad_id=self.pad_id,
+                               max_seqs=self.max_seqs)
+            placed = len(pending) - len(packed.leftover)
+            if placed == 0:
+                raise RuntimeError(f"no conversation fits in {self.rows} rows of {self.seq_len} "
+                                   f"with max_seqs={self.max_seqs}")
+            pending = [pending[k] for k in packed.leftover]
+            s = self.stats
+            s.batches += 1
+            s.conversations += placed
+            s.truncated += packed.num_truncated
+            s.tokens += packed.num_tokens
+            s.supervised += packed.num_supervised
+            s.slots += packed.rows * self.seq_len
+            yield packed
