@@ -72,3 +72,13 @@ def test_bad_arguments(task, tokenizer):
         PackedBatchStream(task, tokenizer, rows=0, seq_len=64)
     with pytest.raises(ValueError, match="buffer"):
         PackedBatchStream(task, tokenizer, rows=1, seq_len=64, buffer=0)
+
+
+def test_train_dry_run_command(capsys):
+    from fastsft.cli import main
+
+    assert main(["train", "--dry-run", "--data", "synthetic:spell?size=40", "--rows", "2", "--seq-len", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch: 40 conversations" in out and "(2, 96) int64" in out and "nothing was trained" in out
+    assert main(["train", "--data", "synthetic:spell?size=40"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
