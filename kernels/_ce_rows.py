@@ -1,0 +1,127 @@
+"""The one Triton kernel under both loss ops: per-row log-sum-exp, target loss and dlogits over a (rows, V) block.
+
+`cross_entropy` runs it over materialized logits (forward: lse + loss; backward: gradient), and
+`linear_cross_entropy` runs it over each chunk of logits that a matmul just produced (lse + loss + gradient in one
+launch, the gradient overwriting the chunk). Keeping a single kernel keeps one definition of the softcap, of the
+ignored-row rule (target -1: loss 0, gradient 0, row never read) and of the numerics (fp32 after every load).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# GPU launch shape: one program streams one row in blocks of ROW_BLOCK_V. Module-level so the bench can sweep it.
+ROW_BLOCK_V = 2048  # H100 sweep (bench/RESULTS.md): 2048/8 warps best, all of 1024..8192 within 12%
+ROW_NUM_WARPS = 8
+# Under the interpreter every block iteration costs milliseconds; tests shrink this to cover the multi-block loop.
+INTERPRETED_BLOCK_V = 256
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp(-2|x|), which never overflows; the interpreter has no tanh intrinsic.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _ce_rows_kernel(
+    x_ptr, x_stride,  # logits (rows, V), any float dtype
+    g_ptr, g_stride,  # gradient out (rows, V); may be x_ptr itself: each element is read before it is written
+    tgt_ptr,  # (rows,) int64, -1 = ignored
+    lse_ptr,  # (rows,) fp32: written when COMPUTE_LSE, read otherwise
+    loss_ptr,  # (rows,) fp32: lse - target logit, 0 for ignored rows (written when COMPUTE_LSE)
+    scale_ptr,  # () fp32: upstream gradient of the loss sum, read on the device (no host sync)
+    V,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 past 2**31 elements
+    x_row = x_ptr + row * x_stride
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt >= 0
+    # An ignored row has length 0 for reading (its logits are never loaded). Folding the flag into a bound also
+    # sidesteps the interpreter, which mis-types `vector_mask & scalar_bool`.
+    n_read = tl.where(valid, V, 0)
+    offs = tl.arange(0, BLOCK_V)
+
+    if COMPUTE_LSE:
+        # Online softmax kept per lane (one running max and sum per position of the block), reduced once at the
+        # end: no cross-lane reduction inside the loop.
+        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            live = cols < n_read
+            x = tl.load(x_row + cols, mask=live, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = softcap * _tanh(x / softcap)
+            x = tl.where(live, x, float("-inf"))
+            m_new = tl.maximum(m, x)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing yet: avoid -inf - -inf
+            s = s * tl.exp(m - m_ref) + tl.exp(x - m_ref)
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        m_row_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
+        s_row = tl.sum(s * tl.exp(m - m_row_ref), axis=0)
+        lse = tl.where(valid, m_row_ref + tl.log(tl.where(valid, s_row, 1.0)), 0.0)
+        x_t = tl.load(x_row + tl.maximum(tgt, 0)).to(tl.float32)  # column 0 exists: V > 0
+        if HAS_SOFTCAP:
+            x_t = softcap * _tanh(x_t / softcap)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+    else:
+        lse = tl.load(lse_ptr + row)
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        g_row = g_ptr + row * g_stride
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            inb = cols < V
+            x = tl.load(x_row + cols, mask=cols < n_read, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
+            g = tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)  # d/dx c*tanh(x/c)
+            g = tl.where(valid, g * scale, 0.0)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inb)
+
+
+def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_scale=None, compute_lse=True):
+    """Launch the row kernel over `logits` (rows, V), rows contiguous along V.
+
+    compute_lse: write `lse` and `loss` (rows,) fp32; else read `lse`. grad_out: when given, write
+    (softmax - onehot) * softcap' * grad_scale into it (it may be `logits` itself).
+    """
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    write_grad = grad_out is not None
+    if write_grad and grad_scale is None:
+        raise ValueError("ce_rows: grad_out given without grad_scale")
+    block_v = min(triton.next_power_of_2(vocab), INTERPRETED_BLOCK_V if INTERPRETED else ROW_BLOCK_V)
+    dummy = lse  # stands in for pointers the constexpr flags never touch
+    _ce_rows_kernel[(rows,)](
+        logits, logits.stride(0),
+        grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
+        targets, lse, loss if loss is not None else dummy, grad_scale if write_grad else dummy,
+        vocab, float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        num_warps=ROW_NUM_WARPS,
+    )
+
+
+def check_softcap(softcap, where):
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"{where}: softcap must be None or a positive number, got {softcap!r}")
