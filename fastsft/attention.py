@@ -1,0 +1,309 @@
+"""Causal attention over packed conversations (varlen), with one backend chosen by capability.
+
+Training packs several conversations into each row; attention must stay inside each conversation. The token stream
+is flattened to (N, H, D) and `cu_seqlens` (int32, fixed length, padded by repeating the total) marks where each
+conversation starts, so every backend sees the same static shapes and a compiled model does not recompile between
+batches. Backends, best first, chosen once per device type and logged:
+
+- ``flash_attn_3``: FlashAttention-3 (`flash_attn_interface`, Hopper).
+- ``flash_attn_4``: flash-attn-4 (`flash_attn.cute`, CuTe DSL; Hopper and Blackwell).
+- ``flash_attn_2``: `flash_attn.flash_attn_varlen_func`.
+- ``torch_varlen``: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA).
+- ``sdpa_segments``: exact fallback anywhere: scaled_dot_product_attention once per conversation, with an
+  explicit mask for sliding windows. Slow, but it is the reference the fast paths are tested against.
+
+Window semantics follow FlashAttention: a left window ``w >= 0`` lets query i see keys j with ``i - w <= j <= i``
+(w + 1 keys); ``w < 0`` means unlimited (plain causal).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn_3", "flash_attn_4", "flash_attn_2", "torch_varlen", "sdpa_segments")
+_GPU_ONLY = frozenset(BACKENDS[:-1])
+# A user or benchmark may pin the backend (e.g. to compare them); None means "choose by capability".
+_forced_backend: str | None = os.environ.get("FASTSFT_ATTENTION") or None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend implementations: each takes q (N, H, D), k/v (N, Hkv, D), cu_seqlens (S+1,) int32, max_seqlen, window
+# and returns (N, H, D). Only the tokens inside [0, cu_seqlens[-1]) are defined; callers mask the tail.
+
+
+def _flash_attn_3(q, k, v, cu_seqlens, max_seqlen, window):
+    import flash_attn_interface
+
+    out = flash_attn_interface.flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=(window, 0)
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+# Signatures differ between releases; they are read once, eagerly, into plain globals (cheap for torch.compile to
+# read while tracing, unlike inspect or functools.cache).
+_SIGNATURES: dict[str, frozenset] = {}
+
+
+def _params_of(name: str, load) -> frozenset:
+    if name not in _SIGNATURES:
+        _SIGNATURES[name] = frozenset(inspect.signature(load()).parameters)
+    return _SIGNATURES[name]
+
+
+def _fa4_func():
+    from flash_attn.cute import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+def _torch_varlen_func():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def _flash_attn_4(q, k, v, cu_seqlens, max_seqlen, window):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    params = _params_of("flash_attn_4", _fa4_func)
+    left = window if window >= 0 else None  # None: unlimited in the CuTe interface
+    if "window_size" in params:
+        kw = dict(window_size=(left, 0))
+    else:
+        kw = dict(window_size_left=left, window_size_right=0)
+    if "max_seqlen_q" in params:  # older releases derive it from cu_seqlens
+        kw.update(max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, causal=True, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flash_attn_2(q, k, v, cu_seqlens, max_seqlen, window):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=(window, 0)
+    )
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _params_of("torch_varlen", _torch_varlen_func)
+    kw = {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # older torch: expand the kv heads (head h reads kv head h // n_rep, as in SDPA's enable_gqa)
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if "window_size" in params:
+        kw["window_size"] = (window, 0)
+    else:
+        if window >= 0:
+            raise NotImplementedError("this torch's varlen_attn has no window_size; sliding windows need torch >= 2.10")
+        kw["is_causal"] = True
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> list[int]:
+    """Validate cu_seqlens on the host and return it as a list (this synchronizes: for the fallback and for checks)."""
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    for i in range(1, len(bounds)):
+        if bounds[i] < bounds[i - 1]:
+            raise ValueError(f"cu_seqlens must be non-decreasing: entry {i} is {bounds[i]} after {bounds[i - 1]}")
+    if bounds[-1] > num_tokens:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the stream holds only {num_tokens} tokens")
+    return bounds
+
+
+def causal_window_mask(length: int, window: int, device) -> torch.Tensor:
+    """(length, length) bool mask, True where query i may attend key j: j <= i and (window < 0 or i - j <= window)."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    keep = j <= i
+    if window >= 0:
+        keep &= (i - j) <= window
+    return keep
+
+
+def attention_pairs(length: int, window: int) -> int:
+    """(query, key) pairs causal attention with left window `window` (< 0: none) scores over `length` tokens."""
+    if window < 0 or window >= length - 1:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * (window + 1)
+
+
+@torch.compiler.disable
+def _sdpa_segments(q, k, v, cu_seqlens, max_seqlen, window):
+    n_tokens, n_head, _ = q.shape
+    bounds = check_cu_seqlens(cu_seqlens, n_tokens)
+    longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"a segment of cu_seqlens holds {longest} tokens, more than max_seqlen={max_seqlen}")
+    enable_gqa = k.shape[1] != n_head
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length == 0:
+            continue  # padding entries of the fixed-length cu_seqlens
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
+        if window < 0 or window >= length - 1:
+            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=enable_gqa)
+        else:
+            mask = causal_window_mask(length, window, q.device)
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=enable_gqa)
+        pieces.append(y.transpose(0, 1))  # (L, H, D)
+    tail = n_tokens - bounds[-1]
+    if tail:
+        pieces.append(q.new_zeros(tail, *q.shape[1:]))
+    return torch.cat(pieces, dim=0)
+
+
+_IMPLS = {
+    "flash_attn_3": _flash_attn_3,
+    "flash_attn_4": _flash_attn_4,
+    "flash_attn_2": _flash_attn_2,
+    "torch_varlen": _torch_varlen,
+    "sdpa_segments": _sdpa_segments,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capability checks and the one choice.
+
+
+def _importable(probe) -> bool:
+    try:
+        probe()
+        return True
+    except Exception:  # an installed but broken wheel counts as absent
+        return False
+
+
+def _probe_fa3():
+    import flash_attn_interface
+
+    if not hasattr(flash_attn_interface, "flash_attn_varlen_func"):
+        raise ImportError("flash_attn_interface has no flash_attn_varlen_func")
+    if torch.cuda.get_device_capability()[0] != 9:
+        raise RuntimeError("FlashAttention-3 kernels are built for Hopper (sm90)")
+
+
+def _probe_fa4():
+    _params_of("flash_attn_4", _fa4_func)
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        raise RuntimeError("flash-attn-4 targets Hopper and Blackwell")
+
+
+def _probe_fa2():
+    from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+
+def _probe_torch_varlen():
+    if "window_size" not in _params_of("torch_varlen", _torch_varlen_func):
+        raise RuntimeError("sliding windows need varlen_attn's window_size (torch >= 2.10)")
+
+
+_PROBES = {
+    "flash_attn_3": _probe_fa3,
+    "flash_attn_4": _probe_fa4,
+    "flash_attn_2": _probe_fa2,
+    "torch_varlen": _probe_torch_varlen,
+}
+
+
+@functools.cache
+def available_backends(device_type: str = "cuda") -> tuple[str, ...]:
+    """Backends usable on this machine for tensors of `device_type`, best first (the fallback is always last)."""
+    found = []
+    if device_type == "cuda" and torch.cuda.is_available():
+        found = [name for name, probe in _PROBES.items() if _importable(probe)]
+    return tuple(found) + ("sdpa_segments",)
+
+
+_CHOICES: dict[tuple[str, str | None], str] = {}
+
+
+@torch.compiler.disable
+def _choose(device_type: str, forced: str | None) -> str:
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"unknown attention backend {forced!r}; choose one of {BACKENDS}")
+        if forced in _GPU_ONLY and forced not in available_backends(device_type):
+            raise RuntimeError(f"attention backend {forced!r} is not available for {device_type} tensors here")
+        name = forced
+    else:
+        name = available_backends(device_type)[0]
+    logger.info("attention backend for %s tensors: %s (available: %s)", device_type, name,
+                ", ".join(available_backends(device_type)))
+    _CHOICES[(device_type, forced)] = name
+    return name
+
+
+def select_backend(device_type: str) -> str:
+    """The backend used for tensors on `device_type`: pinned by set_backend / FASTSFT_ATTENTION, else the best.
+
+    Decided (and logged) once per device type; call it before torch.compile so tracing only reads a dict.
+    """
+    name = _CHOICES.get((device_type, _forced_backend))
+    return name if name is not None else _choose(device_type, _forced_backend)
+
+
+def set_backend(name: str | None) -> None:
+    """Pin the attention backend (None: choose by capability). Meant for benchmarks and tests, before compiling."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    _forced_backend = name
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     window: int = -1, backend: str | None = None) -> torch.Tensor:
+    """Causal attention inside each segment of a packed token stream.
+
+    q: (N, H, D); k, v: (N, Hkv, D) with H % Hkv == 0 (grouped-query attention); cu_seqlens: (S+1,) int32 segment
+    starts over the N tokens, padded by repeating the total; max_seqlen: an upper bound on segment length (pass a
+    constant such as the row length to keep compiled graphs static); window: left window, < 0 for none.
+    Returns (N, H, D) in q's dtype. Tokens at or past cu_seqlens[-1] belong to no segment and come back as zeros.
+    """
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"varlen_attention wants (N, H, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"varlen_attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (need equal N and D, and H divisible by Hkv)")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (flash-attention's layout), got {cu_seqlens.dtype}")
+    name = backend or select_backend(q.device.type)
+    if name in _GPU_ONLY and q.device.type != "cuda":
+        raise RuntimeError(f"attention backend {name!r} needs CUDA tensors, got {q.device}")
+    if window >= max_seqlen - 1:
+        window = -1  # the window covers every segment: plain causal takes the kernels' fastest path
+    out_dtype = q.dtype
+    if name in _GPU_ONLY and q.dtype not in _HALF:
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()  # flash kernels run in 16-bit only
+    elif name not in _GPU_ONLY:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    y = _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, window)
+    if name in _GPU_ONLY:
+        # Kernels leave tokens past the last segment (unused tail of the stream) uninitialized; a NaN there would
+        # poison weight gradients through 0 * NaN, so zero them. Cheap, static-shaped, no host sync.
+        covered = torch.arange(q.shape[0], device=q.device) < cu_seqlens[-1]
+        y = torch.where(covered[:, None, None], y, 0)
+    return y.to(out_dtype)

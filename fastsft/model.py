@@ -1,0 +1,533 @@
+"""The GPT of nanochat (both eras), run on packed conversations, with a KV cache for generation.
+
+Parameter names follow nanochat exactly (transformer.wte, transformer.h.{i}.attn.c_q, ..., lm_head, resid_lambdas,
+x0_lambdas, smear_gate, smear_lambda, backout_lambda, value_embeds.{i}, transformer.h.{i}.attn.ve_gate), so
+nanochat's state_dicts load by name. GPTConfig switches the 2026 features on or off; `GPTConfig.seed_era()` is the
+Nov 2025 architecture, the defaults are the 2026 one.
+
+One forward, three ways to call it (see GPT.forward):
+- model(idx): idx (B, T), each row one sequence -> fp32 logits (B, T, vocab), softcapped.
+- model(input_ids, targets, position_ids=..., cu_seqlens=...): the packer's batch. Attention stays inside each
+  conversation (fastsft.attention), RoPE positions come from position_ids, and the loss gathers the supervised
+  rows only and calls fastsft.kernels.linear_cross_entropy -> (loss_sum, n_supervised); no (N, vocab) logits.
+  Without targets it returns the logits of every token instead.
+- model(idx, kv_cache=cache): generation; appends idx (B, T) after what the cache holds -> logits (B, T, vocab).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsft.attention import attention_pairs, varlen_attention
+
+logger = logging.getLogger(__name__)
+
+# nanochat (2026) mixes value embeddings into v with a gate in (0, VE_GATE_SCALE), and scales q and k by
+# QK_SCALE after their norm (sharper attention); both are checked against nanochat's own logits in the tests.
+VE_GATE_SCALE = 3.0
+QK_SCALE = 1.2
+
+
+@dataclass
+class GPTConfig:
+    """Shape and architecture switches. Defaults: nanochat's 2026 architecture at d12."""
+
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    rope_base: float = 100000.0
+    softcap: float | None = 15.0
+    value_embeds: bool = True  # value embeddings on alternating layers (last one included) with ve_gate
+    ve_gate_channels: int = 12  # the gate reads this many leading channels of the block input
+    resid_lambdas: bool = True  # per-layer resid_lambdas and x0_lambdas
+    smear: bool = True  # smear_gate / smear_lambda: mix the previous token's embedding in
+    smear_channels: int = 24
+    backout: bool = True  # subtract backout_lambda * (residual after layer n_layer // 2) before the final norm
+    qk_scale: bool = True  # multiply q and k by QK_SCALE after the q/k norm
+    window_pattern: str = "SSSL"  # tiled over layers, last layer always L; L = sequence_len, S = short_window
+    short_window: int | None = None  # None: nanochat's rule, sequence_len / 4 rounded up to a multiple of 128
+    pad_vocab_to: int = 64  # wte / lm_head rows rounded up to a multiple of this (logits are cropped)
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.window_pattern or any(c not in "SL" for c in self.window_pattern.upper()):
+            raise ValueError(f"GPTConfig.window_pattern must be a non-empty string of S and L, "
+                             f"got {self.window_pattern!r}")
+        if self.short_window is not None and (not isinstance(self.short_window, int) or self.short_window < 0):
+            raise ValueError(f"GPTConfig.short_window must be a non-negative int or None, got {self.short_window!r}")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ValueError(f"GPTConfig.softcap must be positive or None, got {self.softcap}")
+        if self.value_embeds and not 0 < self.ve_gate_channels <= self.n_embd:
+            raise ValueError(f"GPTConfig.ve_gate_channels={self.ve_gate_channels} must be in 1..n_embd")
+        if self.smear and not 0 < self.smear_channels <= self.n_embd:
+            raise ValueError(f"GPTConfig.smear_channels={self.smear_channels} must be in 1..n_embd")
+
+    @classmethod
+    def seed_era(cls, **overrides) -> GPTConfig:
+        """nanochat of Nov 2025: plain pre-norm blocks, RoPE base 10000, full causal attention, no padding."""
+        base = dict(rope_base=10000.0, value_embeds=False, resid_lambdas=False, smear=False, backout=False,
+                    qk_scale=False, window_pattern="L", pad_vocab_to=1)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig has no fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    def window_sizes(self) -> list[int]:
+        """Left attention window per layer, as nanochat: L = sequence_len, S = sequence_len/4 rounded up to 128."""
+        long_window = self.sequence_len
+        short_window = self.short_window
+        if short_window is None:
+            short_window = -(-self.sequence_len // 4 // 128) * 128
+        pattern = self.window_pattern.upper()
+        sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(self.n_layer)]
+        sizes[-1] = long_window
+        return sizes
+
+    def has_value_embed(self, layer_idx: int) -> bool:
+        return self.value_embeds and layer_idx % 2 == (self.n_layer - 1) % 2
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the head dim as nanochat does (by -theta). x (..., H, D); cos/sin (..., 1, D/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def rotary_tables(length: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (length, head_dim/2) in fp32 (nanochat's seed era kept them in bf16; we do not)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qk_scale = config.qk_scale
+        C, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+        self.c_q = nn.Linear(C, C, bias=False)
+        self.c_k = nn.Linear(C, kv_dim, bias=False)
+        self.c_v = nn.Linear(C, kv_dim, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+        self.ve_gate_channels = config.ve_gate_channels
+        self.ve_gate = (nn.Linear(config.ve_gate_channels, config.n_kv_head, bias=False)
+                        if config.has_value_embed(layer_idx) else None)
+
+    def forward(self, x, ve, cos, sin, window, attend):
+        # x (..., C) with ... = (N,) packed or (B, T) cached; ve (..., Hkv*D) or None
+        lead = x.shape[:-1]
+        q = self.c_q(x).view(*lead, self.n_head, self.head_dim)  # (..., H, D)
+        k = self.c_k(x).view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
+        v = self.c_v(x).view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
+        if ve is not None:
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))  # (..., Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v).to(v.dtype)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if self.qk_scale:
+            q, k = q * QK_SCALE, k * QK_SCALE
+        y = attend(q, k, v, window, self.layer_idx)  # (..., H, D)
+        return self.c_proj(y.reshape(*lead, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, attend):
+        x = x + self.attn(norm(x), ve, cos, sin, window, attend)
+        return x + self.mlp(norm(x))
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences that all hold the same number of tokens.
+
+    k, v: (n_layer, batch, max_len, n_kv_head, head_dim). `pos` counts the tokens cached so far (equal for every
+    row: prompts of one batch must have the same length). `prev_embedding` (batch, 1, n_embd) keeps the last
+    token's normalized embedding for the smear of the next one. The model writes each layer's new keys at
+    [pos, pos + T) and advances `pos` after its last layer; sliding windows apply through the attention mask.
+    Typical use: prefill a prompt into a one-row cache, `repeat(n)` it, then decode n samples one token a step.
+    Generation runs without autograd.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.prev_embedding = None
+
+    def repeat(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A new cache of `batch_size` rows, each a copy of this one-row cache (prefill a prompt once, then sample
+        several continuations); max_len defaults to this cache's."""
+        if self.batch_size != 1:
+            raise ValueError(f"KVCache.repeat copies a one-row cache, this one has {self.batch_size} rows")
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.pos:
+            raise ValueError(f"KVCache.repeat: max_len {max_len} < {self.pos} cached tokens")
+        new = KVCache.__new__(KVCache)
+        n_layer, _, _, n_kv_head, head_dim = self.k.shape
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        new.k = self.k.new_zeros(shape)
+        new.v = self.v.new_zeros(shape)
+        new.k[:, :, : self.pos] = self.k[:, :, : self.pos]
+        new.v[:, :, : self.pos] = self.v[:, :, : self.pos]
+        new.batch_size, new.max_len, new.pos = batch_size, max_len, self.pos
+        new.prev_embedding = None if self.prev_embedding is None else self.prev_embedding.expand(batch_size, -1, -1)
+        return new
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        """Store k, v (B, T, Hkv, D) of the new tokens and attend q (B, T, H, D) over everything cached."""
+        T = q.shape[1]
+        start, end = self.pos, self.pos + T
+        self.k[layer, :, start:end] = k.to(self.k.dtype)
+        self.v[layer, :, start:end] = v.to(self.v.dtype)
+        keys = self.k[layer, :, :end].transpose(1, 2).to(q.dtype)  # (B, Hkv, end, D)
+        values = self.v[layer, :, :end].transpose(1, 2).to(q.dtype)
+        q_pos = torch.arange(start, end, device=q.device)[:, None]
+        k_pos = torch.arange(end, device=q.device)[None, :]
+        keep = k_pos <= q_pos
+        if window >= 0:
+            keep &= (q_pos - k_pos) <= window
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=keep,
+                                           enable_gqa=keys.shape[1] != q.shape[2])
+        return y.transpose(1, 2)  # (B, T, H, D)
+
+
+_linear_cross_entropy_impl = None
+
+
+def _reference_linear_cross_entropy(hidden, weight, targets, softcap=None):
+    """Plain fp32 lm_head + cross-entropy sum; materializes the logits of the given rows (a stopgap only)."""
+    logits = (hidden @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+    return loss_sum, (targets != -1).sum()
+
+
+def _get_linear_cross_entropy():
+    """fastsft.kernels.linear_cross_entropy, imported on first use; the plain reference while it does not exist."""
+    global _linear_cross_entropy_impl
+    if _linear_cross_entropy_impl is None:
+        try:
+            from fastsft.kernels.linear_cross_entropy import linear_cross_entropy as impl
+        except ModuleNotFoundError as err:
+            if "linear_cross_entropy" not in str(err):
+                raise
+            logger.warning("fastsft.kernels.linear_cross_entropy not found; using the fp32 reference loss")
+            impl = _reference_linear_cross_entropy
+        _linear_cross_entropy_impl = impl
+    return _linear_cross_entropy_impl
+
+
+def segment_starts(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(num_tokens,) bool, True at the first token of each segment; repeated (padding) entries add nothing."""
+    marks = torch.zeros(num_tokens + 1, dtype=torch.int32, device=cu_seqlens.device)
+    marks.index_add_(0, cu_seqlens.long().clamp(max=num_tokens), torch.ones_like(cu_seqlens))
+    return marks[:num_tokens] > 0
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        V, C, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, C),
+            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
+        })
+        self.lm_head = nn.Linear(C, V, bias=False)
+        if config.resid_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.ones(L))
+            self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        if config.smear:
+            self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(V, kv_dim) for i in range(L) if config.has_value_embed(i)})
+        self.window_sizes = config.window_sizes()
+        self.backout_layer = L // 2
+        # Positions beyond sequence_len are allowed for generation; 10x as nanochat.
+        self.rotary_len = 10 * config.sequence_len
+        cos, sin = rotary_tables(self.rotary_len, config.head_dim, config.rope_base, self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # (rotary_len, D/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+
+    def init_rotary(self) -> None:
+        """Recompute the rotary tables on the model's device (after building on the meta device)."""
+        device = self.lm_head.weight.device
+        self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, self.config.rope_base, device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's 2026 init: embeddings N(0, 1), lm_head N(0, 0.001), matrices U(+-sqrt(3/C)), projections 0."""
+        C = self.config.n_embd
+        bound = math.sqrt(3.0 / C)
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if self.config.resid_lambdas:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
+        if self.config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()
+        if self.config.backout:
+            self.backout_lambda.fill_(0.2)
+        if self.config.value_embeds:
+            for emb in self.value_embeds.values():
+                nn.init.uniform_(emb.weight, -bound, bound)
+        self.init_rotary()
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict, device="cpu") -> GPT:
+        """Build without a throwaway random init (meta device), then take the given tensors by name, strictly."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit GPT({config}): missing {missing}, unexpected {unexpected}")
+        for name, tensor in model.state_dict().items():
+            if tuple(state_dict[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"state_dict[{name!r}] has shape {tuple(state_dict[name].shape)}, "
+                                 f"the model wants {tuple(tensor.shape)}")
+        # assign=True keeps the saved dtypes (e.g. bf16 weights stay bf16) instead of copying into fp32 params.
+        model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=True, assign=True)
+        model.init_rotary()
+        return model
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, *, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+        """Logits, or (loss_sum, n_supervised) when targets are given.
+
+        idx: int64 (B, T), or the packer's (rows, T) / flattened (N,) input_ids when cu_seqlens is given.
+        targets: same shape as idx, -1 = not supervised -> returns (loss_sum, n_supervised) through
+            fastsft.kernels.linear_cross_entropy (never the full logits).
+        position_ids, cu_seqlens, max_seqlen: the packed batch (see forward_packed); without cu_seqlens each row
+            of idx is one sequence starting at position 0.
+        kv_cache: a KVCache: idx (B, T) continues the cached sequences; returns logits (B, T, vocab).
+        Logits are fp32, softcapped, cropped to vocab_size, shaped like idx plus a vocab dim.
+        """
+        if idx.dtype != torch.long:
+            raise TypeError(f"GPT.forward: token ids must be int64, got {idx.dtype}")
+        if kv_cache is not None:
+            if targets is not None or cu_seqlens is not None:
+                raise ValueError("GPT.forward: kv_cache generation takes neither targets nor cu_seqlens")
+            return self._forward_cached(idx, kv_cache)
+        if cu_seqlens is None:
+            if idx.ndim != 2:
+                raise ValueError(f"GPT.forward: idx must be (B, T), got shape {tuple(idx.shape)}")
+            if position_ids is not None:
+                raise ValueError("GPT.forward: position_ids without cu_seqlens; pass both for a packed batch")
+            B, T = idx.shape
+            cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=idx.device)
+            position_ids = torch.arange(T, device=idx.device).expand(B, T)
+            max_seqlen = T
+        elif position_ids is None:
+            raise ValueError("GPT.forward: a packed batch needs position_ids along with cu_seqlens")
+        return self._forward_packed(idx, position_ids, cu_seqlens, max_seqlen, targets)
+
+    def forward_packed(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, targets=None):
+        """The packer's batch: input_ids / position_ids / targets (rows, T) or flattened (N,); cu_seqlens int32 over
+        the flattened stream, fixed length, padded by repeating the total. max_seqlen bounds the longest segment;
+        None means the row length T (a constant, so a compiled model keeps one graph). Returns (loss_sum,
+        n_supervised) with targets, else fp32 logits shaped like input_ids plus vocab."""
+        return self.forward(input_ids, targets, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen)
+
+    def _forward_packed(self, idx, position_ids, cu_seqlens, max_seqlen, targets):
+        if position_ids.shape != idx.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(idx.shape)}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(idx.shape)}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be 1-D int32, got shape {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+        if idx.ndim not in (1, 2):
+            raise ValueError(f"input_ids must be (rows, T) or (N,), got shape {tuple(idx.shape)}")
+        if max_seqlen is None:
+            max_seqlen = idx.shape[-1]
+        flat_idx = idx.reshape(-1)  # (N,)
+        flat_pos = position_ids.reshape(-1)
+        N = flat_idx.shape[0]
+        cos, sin = self.cos[flat_pos][:, None, :], self.sin[flat_pos][:, None, :]  # (N, 1, D/2)
+
+        x = norm(self.transformer.wte(flat_idx))  # (N, C)
+        if self.config.smear:
+            prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)  # (N, C) previous token, no smear at starts
+            has_prev = ~segment_starts(cu_seqlens, N)
+            x = self._smear(x, prev, has_prev[:, None])
+
+        def attend(q, k, v, window, layer_idx):
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, window)
+
+        hidden = self._blocks(flat_idx, x, cos, sin, attend)  # (N, C)
+        if targets is None:
+            return self._logits(hidden).view(*idx.shape, -1)
+        return self.supervised_loss(hidden, targets.reshape(-1))
+
+    @torch.no_grad()
+    def _forward_cached(self, idx, cache: KVCache):
+        if idx.ndim != 2 or idx.shape[0] != cache.batch_size:
+            raise ValueError(f"GPT.forward: with a KVCache of batch {cache.batch_size}, idx must be "
+                             f"({cache.batch_size}, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        start = cache.pos
+        if start + T > cache.max_len or start + T > self.rotary_len:
+            raise ValueError(f"KVCache overflow: {start} cached + {T} new tokens > capacity "
+                             f"{min(cache.max_len, self.rotary_len)}")
+        cos = self.cos[None, start:start + T, None, :]  # (1, T, 1, D/2)
+        sin = self.sin[None, start:start + T, None, :]
+        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        if self.config.smear:
+            before = cache.prev_embedding if cache.prev_embedding is not None else torch.zeros_like(x[:, :1])
+            prev = torch.cat([before, x[:, :-1]], dim=1)  # (B, T, C)
+            has_prev = (torch.arange(start, start + T, device=x.device) > 0)[None, :, None]
+            cache.prev_embedding = x[:, -1:]
+            x = self._smear(x, prev, has_prev)
+
+        def attend(q, k, v, window, layer_idx):
+            return cache.attend(layer_idx, q, k, v, window)
+
+        hidden = self._blocks(idx, x, cos, sin, attend)
+        cache.pos = start + T
+        return self._logits(hidden)
+
+    def _smear(self, x, prev, has_prev):
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_channels]))
+        return x + has_prev.to(x.dtype) * gate * prev
+
+    def _blocks(self, idx, x, cos, sin, attend):
+        """The residual stream through every block, backout, final norm. x (..., C) -> (..., C)."""
+        cfg = self.config
+        x0 = x
+        x_backout = None
+        for i, block in enumerate(self.transformer.h):
+            if cfg.resid_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if cfg.has_value_embed(i) else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], attend)
+            if cfg.backout and i == self.backout_layer:
+                x_backout = x
+        if cfg.backout:
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
+        return norm(x)
+
+    def _logits(self, hidden):
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size].float()
+        if self.config.softcap is not None:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        return logits
+
+    @torch.compiler.disable
+    def supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """(loss_sum, n_supervised) over rows with targets != -1. hidden (N, C), targets (N,).
+
+        Runs outside torch.compile: the number of supervised rows changes every batch, and the loss kernel has
+        its own autograd. Only those rows meet lm_head, which never produces the (N, vocab) logits.
+        """
+        rows = (targets != -1).nonzero().squeeze(1)  # (S,)
+        h = hidden.index_select(0, rows)  # (S, C)
+        t = targets.index_select(0, rows)
+        weight = self.lm_head.weight[: self.config.vocab_size]  # drop the padded rows
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        elif h.dtype != weight.dtype:
+            h = h.to(weight.dtype)
+        return _get_linear_cross_entropy()(h, weight, t, softcap=self.config.softcap)
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def training_flops(self, conversation_lengths, num_supervised: int) -> float:
+        """Useful FLOPs of one forward+backward over a packed batch, for MFU: 6 per block weight per real token,
+        6 per lm_head weight (unpadded) per supervised row, and attention inside each conversation only (sliding
+        windows as windows; backward = 2.5x forward, as FlashAttention counts). Padding counts nothing."""
+        cfg = self.config
+        block_weights = sum(m.weight.numel() for m in self.transformer.h.modules() if isinstance(m, nn.Linear))
+        if cfg.smear:
+            block_weights += self.smear_gate.weight.numel()
+        lengths = [int(n) for n in conversation_lengths]
+        pairs = sum(attention_pairs(n, w) for w in self.window_sizes for n in lengths)
+        return (6 * block_weights * sum(lengths) + 6 * cfg.vocab_size * cfg.n_embd * num_supervised
+                + 14 * cfg.n_head * cfg.head_dim * pairs)
