@@ -256,33 +256,6 @@ class KVCache:
         return y.transpose(1, 2)  # (B, T, H, D)
 
 
-_linear_cross_entropy_impl = None
-
-
-def _reference_linear_cross_entropy(hidden, weight, targets, softcap=None):
-    """Plain fp32 lm_head + cross-entropy sum; materializes the logits of the given rows (a stopgap only)."""
-    logits = (hidden @ weight.t()).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
-    return loss_sum, (targets != -1).sum()
-
-
-def _get_linear_cross_entropy():
-    """fastsft.kernels.linear_cross_entropy, imported on first use; the plain reference while it does not exist."""
-    global _linear_cross_entropy_impl
-    if _linear_cross_entropy_impl is None:
-        try:
-            from fastsft.kernels.linear_cross_entropy import linear_cross_entropy as impl
-        except ModuleNotFoundError as err:
-            if "linear_cross_entropy" not in str(err):
-                raise
-            logger.warning("fastsft.kernels.linear_cross_entropy not found; using the fp32 reference loss")
-            impl = _reference_linear_cross_entropy
-        _linear_cross_entropy_impl = impl
-    return _linear_cross_entropy_impl
-
-
 def segment_starts(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(num_tokens,) bool, True at the first token of each segment; repeated (padding) entries add nothing."""
     marks = torch.zeros(num_tokens + 1, dtype=torch.int32, device=cu_seqlens.device)
@@ -512,7 +485,9 @@ class GPT(nn.Module):
             h, weight = h.to(dtype), weight.to(dtype)
         elif h.dtype != weight.dtype:
             h = h.to(weight.dtype)
-        return _get_linear_cross_entropy()(h, weight, t, softcap=self.config.softcap)
+        from fastsft.kernels import linear_cross_entropy  # lazy: Triton loads only when a loss is computed
+
+        return linear_cross_entropy(h, weight, t, softcap=self.config.softcap)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 

@@ -1,22 +1,13 @@
 """Triton kernels of fastsft, shipped in the wheel as `fastsft.kernels`.
 
-One file per op: the Triton kernel, its PyTorch reference and its autograd wrapper. Names resolve lazily so that
-`import fastsft.kernels` does not pull in Triton until an op is used.
+One file per op: the Triton kernel, its PyTorch reference and its autograd wrapper. The ops are imported eagerly:
+two of them share their module's name, and a lazy lookup would hand back the module once the submodule had been
+imported directly (e.g. `import fastsft.kernels.linear_cross_entropy`).
 """
 
-import importlib
+from .adamw import AdamW
+from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
+from .muon import Muon
 
-_EXPORTS = {
-    "cross_entropy": ".cross_entropy",
-    "linear_cross_entropy": ".linear_cross_entropy",
-    "AdamW": ".adamw",
-    "Muon": ".muon",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["AdamW", "Muon", "cross_entropy", "linear_cross_entropy"]
