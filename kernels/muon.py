@@ -3,13 +3,17 @@ shape-scaled step. Same-shape matrices are stacked so that one batched orthogona
 
 Why this file: nanochat runs Muon as one torch.compile'd graph per shape group; most of its time is the bf16
 matmuls of the orthogonalization, the rest is elementwise traffic (stacking grads, momentum, casts, the norm,
-the update, copying the stack back into the parameters). Here the elementwise stages are two Triton kernels that
-read the gradients and write the parameters in place through address tables (no stack/unstack copies):
-    1. momentum: buf <- lerp(buf, g, 1 - mu); u = lerp(g, buf, mu) (Nesterov) or buf; X = bf16(u), written
-       transposed for tall matrices so the iteration always works on a wide (K, rows <= cols) stack; and the
-       per-tile sums of X^2 for the Frobenius norm (summed deterministically, no atomics).
-    2. apply: p <- p - lr_eff * (O + wd * p * [O * p >= 0]), O the orthogonalized X (read back transposed).
-The matmuls are cuBLAS batched GEMMs (torch.bmm / baddbmm, whose epilogues fold the linear combinations).
+the update, copying the stack back into the parameters). Here:
+    1. momentum (Triton, one launch per stack, gradients read in place through an address table):
+       buf <- lerp(buf, g, 1 - mu); u = lerp(g, buf, mu) (Nesterov) or buf; X = bf16(u) in the parameters' own
+       layout; and per-block sums of X^2 for the Frobenius norm (summed deterministically, no atomics).
+    2. orthogonalization: the symmetric products A = X X^T and A A come from a Triton kernel that computes only
+       the tiles on and below the diagonal and mirrors them (about half their FLOPs; they are 2/3 of a step's
+       FLOPs for square matrices, 5/9 for 1:4 ones), with B' = b A + c A A + a I formed in its epilogue, so that
+       X <- a X + B X is one plain cuBLAS bmm X <- B' X (a bmm without the added operand: ~1.5x faster than
+       baddbmm here). A tall stack iterates on X^T through strides and operand order, never through a
+       transposed copy. The 1/||X|| normalization is folded into the first step's epilogues (no pass over X).
+    3. apply (Triton, parameters written in place): p <- p - lr_eff * (O + wd * p * [O * p >= 0]).
 
 Orthogonalization: Polar Express (Amsel et al. 2025), as nanochat uses since early 2026: five tuned (a, b, c)
 triples reach singular values near 1 in 5 steps, where the classic quintic Newton-Schulz (3.4445, -4.7750,
@@ -42,9 +46,17 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_SAFETY = 1.02  # keeps the top singular value below 1 despite bf16 rounding of the normalized X
 NORM_EPS = 1e-6
 
-_GPU_TILE = 64
+_GPU_BLOCK = 4096
 _GPU_WARPS = 4
-_INTERPRETER_TILE = 256
+# Under the interpreter a program costs ~1 ms whatever its size (numpy does the elements), so few big blocks.
+_INTERPRETER_BLOCK = 1 << 14
+# Gram kernel tiles, best of 7 configs on the H100 (bench/RESULTS.md): 3-5 stages or 4 warps are within 1%;
+# 64-wide tiles cost 1.2x, a 128-deep k-step 1.15x. tl.dot needs tiles of at least 16.
+_GPU_GRAM_TILE = 128
+_GPU_GRAM_BK = 64
+_GPU_GRAM_WARPS = 8
+_GPU_GRAM_STAGES = 3
+_INTERPRETER_GRAM_TILE = 16
 
 
 def ns_coefficients(name: str, ns_steps: int) -> tuple:
@@ -98,138 +110,210 @@ def muon_reference_step(params, grads, momentum_buffer, *, lr, momentum, nestero
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Triton kernels: grid (tiles of one matrix, K matrices).
+# Triton kernels. Elementwise kernels: grid (blocks of one matrix, K matrices), each matrix a contiguous run of
+# rows * cols elements. Gram kernel: grid (lower-triangle tile pairs, K matrices).
 
 
 @triton.jit
 def _muon_momentum_kernel(
-    grad_table_ptr,  # (K,) int64 addresses of the gradients, each (M, N) row-major
-    buf_ptr,  # (K, M, N) fp32 momentum buffers
-    x_ptr,  # (K, M, N) bf16 out, or (K, N, M) when TRANSPOSE
-    partial_ptr,  # (K, tiles) fp32 out: sum of X^2 over each tile
+    grad_table_ptr,  # (K,) int64 addresses of the gradients, each numel contiguous elements
+    buf_ptr,  # (K, numel) fp32 momentum buffers
+    x_ptr,  # (K, numel) bf16 out: the update before normalization
+    partial_ptr,  # (K, blocks) fp32 out: sum of X^2 over each block
     momentum,
-    M,
-    N,
-    tiles_n,
+    numel,
     GRAD_DTYPE: tl.constexpr,
     NESTEROV: tl.constexpr,
-    TRANSPOSE: tl.constexpr,
     MANUAL_ROUNDING: tl.constexpr,
     ALIGNED: tl.constexpr,
-    EVEN: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    blk = tl.program_id(0)
     k = tl.program_id(1).to(tl.int64)
-    rows = (tile // tiles_n) * BM + tl.arange(0, BM)
-    cols = (tile % tiles_n) * BN + tl.arange(0, BN)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offs = rows[:, None] * N + cols[None, :]  # (BM, BN)
-    base = k * M * N
-
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    base = k * numel
     g_ptrs = tl.load(grad_table_ptr + k).to(tl.pointer_type(GRAD_DTYPE)) + offs
-    if ALIGNED:  # 16-byte aligned matrices whose rows are whole 16-byte vectors
-        g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, [16, 16]), [1, BN])
-    if EVEN:  # no edge tiles: unmasked accesses vectorize
+    if ALIGNED:  # a hint on the int64 address is lost through the cast; hint the pointer tensor instead
+        g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
+    full = (blk + 1) * BLOCK <= numel
+    mask = offs < numel
+    if full:  # unmasked accesses vectorize; only a matrix's last block is masked
         g = tl.load(g_ptrs).to(tl.float32)
         buf = tl.load(buf_ptr + base + offs)
     else:
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         buf = tl.load(buf_ptr + base + offs, mask=mask, other=0.0)
     buf = buf + (1.0 - momentum) * (g - buf)
-    if EVEN:
-        tl.store(buf_ptr + base + offs, buf)
-    else:
-        tl.store(buf_ptr + base + offs, buf, mask=mask)
     if NESTEROV:
         u = g + momentum * (buf - g)
     else:
         u = buf
-    x = round_to_bf16(u, MANUAL_ROUNDING)  # (BM, BN)
-    xf = x.to(tl.float32)
-    tl.store(partial_ptr + k * tl.num_programs(0) + tile, tl.sum(tl.sum(xf * xf, axis=1), axis=0))
-    if TRANSPOSE:
-        # Write the (BN, BM) transposed tile with the contiguous axis last, so the stores coalesce.
-        xt_offs = cols[:, None] * M + rows[None, :]
-        xt_mask = (cols[:, None] < N) & (rows[None, :] < M)
-        if EVEN:
-            tl.store(x_ptr + base + xt_offs, tl.trans(x))
-        else:
-            tl.store(x_ptr + base + xt_offs, tl.trans(x), mask=xt_mask)
-    elif EVEN:
+    x = round_to_bf16(u, MANUAL_ROUNDING)
+    xf = x.to(tl.float32)  # masked lanes are 0: they add nothing to the norm
+    tl.store(partial_ptr + k * tl.num_programs(0) + blk, tl.sum(xf * xf, axis=0))
+    if full:
+        tl.store(buf_ptr + base + offs, buf)
         tl.store(x_ptr + base + offs, x)
     else:
+        tl.store(buf_ptr + base + offs, buf, mask=mask)
         tl.store(x_ptr + base + offs, x, mask=mask)
 
 
 @triton.jit
 def _muon_apply_kernel(
-    param_table_ptr,  # (K,) int64 addresses of the parameters, each (M, N) row-major
-    x_ptr,  # (K, M, N) bf16 orthogonalized update, or (K, N, M) when TRANSPOSE
-    lr,  # already scaled by sqrt(max(1, M / N))
+    param_table_ptr,  # (K,) int64 addresses of the parameters, each numel contiguous elements
+    o_ptr,  # (K, numel) bf16 orthogonalized update
+    lr,  # already scaled by sqrt(max(1, rows / cols))
     weight_decay,
-    M,
-    N,
-    tiles_n,
+    numel,
     PARAM_DTYPE: tl.constexpr,
     IS_BF16: tl.constexpr,
-    TRANSPOSE: tl.constexpr,
     MANUAL_ROUNDING: tl.constexpr,
     ALIGNED: tl.constexpr,
-    EVEN: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    blk = tl.program_id(0)
     k = tl.program_id(1).to(tl.int64)
-    rows = (tile // tiles_n) * BM + tl.arange(0, BM)
-    cols = (tile % tiles_n) * BN + tl.arange(0, BN)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offs = rows[:, None] * N + cols[None, :]
-    base = k * M * N
-
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    base = k * numel
     p_ptrs = tl.load(param_table_ptr + k).to(tl.pointer_type(PARAM_DTYPE)) + offs
     if ALIGNED:
-        p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, [16, 16]), [1, BN])
-    if EVEN:
+        p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, 16), BLOCK)
+    full = (blk + 1) * BLOCK <= numel
+    mask = offs < numel
+    if full:
         p = tl.load(p_ptrs).to(tl.float32)
+        o = tl.load(o_ptr + base + offs).to(tl.float32)
     else:
         p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if TRANSPOSE:
-        xt_offs = cols[:, None] * M + rows[None, :]
-        xt_mask = (cols[:, None] < N) & (rows[None, :] < M)
-        if EVEN:
-            xt = tl.load(x_ptr + base + xt_offs)
-        else:
-            xt = tl.load(x_ptr + base + xt_offs, mask=xt_mask, other=0.0)
-        o = tl.trans(xt.to(tl.float32))
-    elif EVEN:
-        o = tl.load(x_ptr + base + offs).to(tl.float32)
-    else:
-        o = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    decay = tl.where(o * p >= 0, weight_decay * p, 0.0)
+        o = tl.load(o_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    decay = tl.where(o * p >= 0, weight_decay * p, 0.0)  # cautious: only where update and parameter agree
     p = p - lr * (o + decay)
     if IS_BF16:
         p_out = round_to_bf16(p, MANUAL_ROUNDING)
     else:
         p_out = p.to(PARAM_DTYPE)
-    if EVEN:
+    if full:
         tl.store(p_ptrs, p_out)
     else:
         tl.store(p_ptrs, p_out, mask=mask)
 
 
-class MuonWorkspace:
-    """Buffers of one stack's orthogonalization, kept between steps (allocating 100s of MB per step is slow)."""
+@triton.jit
+def _gram_kernel(
+    x_ptr,  # (K, ...) bf16: row r, column l of matrix k at k * stride_b + r * stride_r + l * stride_l
+    d_ptr,  # (K, M, M) bf16 symmetric, added times beta when HAS_D
+    out_ptr,  # (K, M, M) bf16 out
+    scale_ptr,  # (K,) fp32 per-matrix factor when HAS_SCALE
+    pairs_ptr,  # (pairs, 2) int32 tile coordinates (i, j), i >= j
+    M,
+    L,
+    stride_b,
+    stride_r,
+    stride_l,
+    alpha,
+    beta,
+    diag,
+    HAS_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_DIAG: tl.constexpr,
+    EVEN: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    MANUAL_ROUNDING: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """out = scale_k * (alpha X X^T + beta D + diag I). The result is symmetric, so only tiles on and below the
+    diagonal are computed; each off-diagonal tile is stored twice (as itself and transposed)."""
+    pair = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    ti = tl.load(pairs_ptr + 2 * pair)
+    tj = tl.load(pairs_ptr + 2 * pair + 1)
+    ri = ti * BM + tl.arange(0, BM)
+    rj = tj * BM + tl.arange(0, BM)
+    ls = tl.arange(0, BK)
+    a_ptrs = x_ptr + k * stride_b + ri[:, None] * stride_r + ls[None, :] * stride_l  # (BM, BK)
+    b_ptrs = x_ptr + k * stride_b + rj[:, None] * stride_r + ls[None, :] * stride_l  # (BM, BK)
+    acc = tl.zeros((BM, BM), dtype=tl.float32)
+    for l0 in range(0, L, BK):
+        if EVEN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            in_l = (l0 + ls)[None, :] < L
+            a = tl.load(a_ptrs, mask=(ri[:, None] < M) & in_l, other=0.0)
+            b = tl.load(b_ptrs, mask=(rj[:, None] < M) & in_l, other=0.0)
+        if FP32_DOT:  # the interpreter's bf16 arithmetic is wrong; fp32 products of bf16 inputs are exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BK * stride_l
+        b_ptrs += BK * stride_l
 
-    def __init__(self, K, rows, cols, device):
-        m, n = min(rows, cols), max(rows, cols)
-        self.x = torch.empty(K, m, n, dtype=torch.bfloat16, device=device)  # (K, m, n), m <= n
+    offs = ri[:, None] * M + rj[None, :]  # (BM, BM)
+    mask = (ri[:, None] < M) & (rj[None, :] < M)
+    acc = acc * alpha
+    if HAS_D:
+        if EVEN:
+            d = tl.load(d_ptr + k * M * M + offs).to(tl.float32)
+        else:
+            d = tl.load(d_ptr + k * M * M + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += beta * d
+    if HAS_DIAG:
+        acc = tl.where(ri[:, None] == rj[None, :], acc + diag, acc)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + k)
+    out = round_to_bf16(acc, MANUAL_ROUNDING)
+    o_base = out_ptr + k * M * M
+    if EVEN:
+        tl.store(o_base + offs, out)
+    else:
+        tl.store(o_base + offs, out, mask=mask)
+    if ti != tj:
+        offs_t = rj[:, None] * M + ri[None, :]
+        if EVEN:
+            tl.store(o_base + offs_t, tl.trans(out))
+        else:
+            tl.store(o_base + offs_t, tl.trans(out), mask=(rj[:, None] < M) & (ri[None, :] < M))
+
+
+class MuonWorkspace:
+    """Buffers of one stack's orthogonalization, kept between steps (allocating 100s of MB per step is slow).
+
+    X keeps the parameters' own (K, rows, cols) layout; a tall stack (rows > cols) iterates on its transpose
+    through strides and operand order, never through a transposed copy: A = X^T X, X <- X B'.
+    `gram` picks who computes the symmetric products X X^T and A A: "triangle" (the Triton kernel above, the
+    default on CUDA) or "bmm" (the reference's order of operations with torch.bmm / baddbmm on full matrices: the
+    measured alternative, and the default on the CPU, where the interpreter is slow; tests ask for "triangle").
+    """
+
+    def __init__(self, K, rows, cols, device, gram=None, gram_tile=None, gram_bk=None, gram_warps=None,
+                 gram_stages=None):
+        if gram is None:  # the interpreter runs a Gram program in ~20 ms: CPU tests take torch's bmm unless asked
+            gram = "triangle" if torch.device(device).type == "cuda" else "bmm"
+        if gram not in ("triangle", "bmm"):
+            raise ValueError(f"MuonWorkspace: gram must be 'triangle' or 'bmm', got {gram!r}")
+        self.K, self.rows, self.cols = K, rows, cols
+        self.tall = rows > cols
+        m = min(rows, cols)
+        self.x = torch.empty(K, rows, cols, dtype=torch.bfloat16, device=device)  # (K, rows, cols)
         self.x_next = torch.empty_like(self.x)
-        self.a = torch.empty(K, m, m, dtype=torch.bfloat16, device=device)
+        self.a = torch.empty(K, m, m, dtype=torch.bfloat16, device=device)  # (K, m, m)
         self.b = torch.empty_like(self.a)
-        self._tables = {}  # name -> (addresses, device table): re-uploaded only when an address changes
+        self.gram = gram
+        self.set_gram_config(gram_tile, gram_bk, gram_warps, gram_stages)
+        self._tables = {}  # name -> (addresses, device table, aligned): re-uploaded only when an address changes
+
+    def set_gram_config(self, tile=None, bk=None, warps=None, stages=None):
+        """Tile shape of the Gram kernel (None: the measured defaults below); rebuilds the tile-pair table."""
+        interp = interpreter_enabled()
+        self.gram_tile = tile or (_INTERPRETER_GRAM_TILE if interp else _GPU_GRAM_TILE)
+        self.gram_bk = bk or (_INTERPRETER_GRAM_TILE if interp else _GPU_GRAM_BK)
+        self.gram_warps = warps or _GPU_GRAM_WARPS
+        self.gram_stages = stages or _GPU_GRAM_STAGES
+        t = triton.cdiv(min(self.rows, self.cols), self.gram_tile)
+        pairs = [(i, j) for i in range(t) for j in range(i + 1)]
+        self.pairs = torch.tensor(pairs, dtype=torch.int32).to(self.x.device)  # (pairs, 2)
 
     def table(self, name, addresses, device):
         cached = self._tables.get(name)
@@ -240,19 +324,73 @@ class MuonWorkspace:
         return cached[1], cached[2]
 
 
-def orthogonalize_(ws: MuonWorkspace, coefficients) -> torch.Tensor:
-    """Polar iteration on ws.x (K, m, n) bf16, m <= n, already normalized; returns the buffer holding the result."""
+def gram_(ws: MuonWorkspace, x, out, *, gram_of_columns, alpha=1.0, beta=0.0, diag=None, d=None, scale=None):
+    """out (K, m, m) <- scale_k * (alpha G + beta d + diag I), G = X X^T, or X^T X when gram_of_columns."""
+    K = x.size(0)
+    m = out.size(-1)
+    if gram_of_columns:
+        stride_r, stride_l, L = x.stride(2), x.stride(1), x.size(1)
+    else:
+        stride_r, stride_l, L = x.stride(1), x.stride(2), x.size(2)
+    manual = interpreter_enabled()
+    bm, bk = ws.gram_tile, ws.gram_bk
+    _gram_kernel[(ws.pairs.size(0), K)](
+        x, d if d is not None else out, out, scale if scale is not None else out, ws.pairs, m, L, x.stride(0),
+        stride_r, stride_l, float(alpha), float(beta), float(diag or 0.0),
+        HAS_D=d is not None, HAS_SCALE=scale is not None, HAS_DIAG=diag is not None,
+        EVEN=m % bm == 0 and L % bk == 0, FP32_DOT=manual, MANUAL_ROUNDING=manual, BM=bm, BK=bk,
+        num_warps=ws.gram_warps, num_stages=ws.gram_stages,
+    )
+    return out
+
+
+def orthogonalize_(ws: MuonWorkspace, coefficients, scale=None) -> torch.Tensor:
+    """Polar iteration on ws.x (K, rows, cols) bf16; returns the buffer holding the result.
+
+    `scale` (K,) fp32 is the normalization 1 / (1.02 ||X||_F + eps) of each matrix, folded into the first step
+    instead of a pass over X: A = s^2 X X^T, and X1 = a (sX) + B (sX) = (s (B + a I)) X. Every step forms
+    B' = B + a I (symmetric, m x m) so the big product is a plain bmm: X <- B' X (wide) or X B' (tall).
+    Without scale, ws.x must already be normalized.
+    """
     x, x_next = ws.x, ws.x_next
+    if ws.gram == "bmm" or not coefficients:
+        return _orthogonalize_bmm_(ws, coefficients, scale)
+    scale_sq = scale * scale if scale is not None else None
+    for step, (a, b, c) in enumerate(coefficients):
+        first = step == 0 and scale is not None
+        gram_(ws, x, ws.a, gram_of_columns=ws.tall, scale=scale_sq if first else None)  # A = X X^T
+        gram_(ws, ws.a, ws.b, gram_of_columns=False, alpha=c, beta=b, diag=a, d=ws.a,
+              scale=scale if first else None)  # B' = b A + c A A + a I
+        if ws.tall:
+            torch.bmm(x, ws.b, out=x_next)  # (K, rows, m) @ (K, m, m); B' is symmetric
+        else:
+            torch.bmm(ws.b, x, out=x_next)  # (K, m, m) @ (K, m, cols)
+        x, x_next = x_next, x
+    return x
+
+
+def _orthogonalize_bmm_(ws: MuonWorkspace, coefficients, scale=None) -> torch.Tensor:
+    """The same iteration with full cuBLAS products and the reference's order of operations: a pass that
+    normalizes X, then A = X X^T; B = b A + c A A; X <- a X + B X (linear combinations in the GEMM epilogues)."""
+    x, x_next = ws.x, ws.x_next
+    if scale is not None:
+        x.mul_(scale.view(-1, 1, 1))
     for a, b, c in coefficients:
-        torch.bmm(x, x.mT, out=ws.a)  # A = X X^T
+        if ws.tall:
+            torch.bmm(x.mT, x, out=ws.a)  # A = X^T X
+        else:
+            torch.bmm(x, x.mT, out=ws.a)  # A = X X^T
         torch.baddbmm(ws.a, ws.a, ws.a, beta=b, alpha=c, out=ws.b)  # B = b A + c A A
-        torch.baddbmm(x, ws.b, x, beta=a, alpha=1.0, out=x_next)  # X <- a X + B X
+        if ws.tall:
+            torch.baddbmm(x, x, ws.b, beta=a, alpha=1.0, out=x_next)  # X <- a X + X B
+        else:
+            torch.baddbmm(x, ws.b, x, beta=a, alpha=1.0, out=x_next)  # X <- a X + B X
         x, x_next = x_next, x
     return x
 
 
 def muon_update_stacked(params, grads, momentum_buffer, ws, *, lr, momentum, nesterov, coefficients, weight_decay,
-                        tile=None, num_warps=None):
+                        block=None, num_warps=None):
     """One Muon step of K same-shape matrices (the seam for a distributed version: a rank owns whole stacks).
 
     params, grads: lists of K contiguous (rows, cols) tensors; momentum_buffer: (K, rows, cols) fp32, updated in
@@ -260,34 +398,27 @@ def muon_update_stacked(params, grads, momentum_buffer, ws, *, lr, momentum, nes
     """
     K = len(params)
     rows, cols = params[0].shape
+    numel = rows * cols
     device = params[0].device
-    transpose = rows > cols
     manual = interpreter_enabled()
-    if tile is None:
-        tile = _INTERPRETER_TILE if manual else _GPU_TILE
-    bm, bn = min(tile, triton.next_power_of_2(rows)), min(tile, triton.next_power_of_2(cols))
-    tiles_n = triton.cdiv(cols, bn)
-    n_tiles = triton.cdiv(rows, bm) * tiles_n
+    block = block or (_INTERPRETER_BLOCK if manual else _GPU_BLOCK)
     warps = num_warps or _GPU_WARPS
+    n_blocks = triton.cdiv(numel, block)
 
     grad_table, grads_aligned = ws.table("grads", [g.data_ptr() for g in grads], device)
     param_table, params_aligned = ws.table("params", [p.data_ptr() for p in params], device)
-    even = rows % bm == 0 and cols % bn == 0
-    row_vectors = cols * params[0].element_size() % ALIGN_BYTES == 0
-    partial = torch.empty(K, n_tiles, dtype=torch.float32, device=device)
-    _muon_momentum_kernel[(n_tiles, K)](
-        grad_table, momentum_buffer, ws.x, partial, float(momentum), rows, cols, tiles_n,
-        GRAD_DTYPE=tl_dtype(grads[0].dtype, "Muon gradient"), NESTEROV=bool(nesterov), TRANSPOSE=transpose,
-        MANUAL_ROUNDING=manual, ALIGNED=grads_aligned and row_vectors, EVEN=even, BM=bm, BN=bn, num_warps=warps,
+    partial = torch.empty(K, n_blocks, dtype=torch.float32, device=device)
+    _muon_momentum_kernel[(n_blocks, K)](
+        grad_table, momentum_buffer, ws.x, partial, float(momentum), numel,
+        GRAD_DTYPE=tl_dtype(grads[0].dtype, "Muon gradient"), NESTEROV=bool(nesterov), MANUAL_ROUNDING=manual,
+        ALIGNED=grads_aligned, BLOCK=block, num_warps=warps,
     )
-    norm = partial.sum(dim=1).sqrt_()  # (K,)
-    ws.x.mul_((1.0 / (norm * NORM_SAFETY + NORM_EPS)).view(K, 1, 1))
-    out = orthogonalize_(ws, coefficients)
-    _muon_apply_kernel[(n_tiles, K)](
-        param_table, out, float(lr) * lr_shape_scale(rows, cols), float(weight_decay), rows, cols, tiles_n,
+    scale = torch.reciprocal_(partial.sum(dim=1).sqrt_().mul_(NORM_SAFETY).add_(NORM_EPS))  # (K,)
+    out = orthogonalize_(ws, coefficients, scale)
+    _muon_apply_kernel[(n_blocks, K)](
+        param_table, out, float(lr) * lr_shape_scale(rows, cols), float(weight_decay), numel,
         PARAM_DTYPE=tl_dtype(params[0].dtype, "Muon parameter"), IS_BF16=params[0].dtype == torch.bfloat16,
-        TRANSPOSE=transpose, MANUAL_ROUNDING=manual, ALIGNED=params_aligned and row_vectors, EVEN=even,
-        BM=bm, BN=bn, num_warps=warps,
+        MANUAL_ROUNDING=manual, ALIGNED=params_aligned, BLOCK=block, num_warps=warps,
     )
 
 
@@ -295,7 +426,7 @@ class _Stack:
     """A same-shape bucket of one group: its stacked momentum buffer (whose [k] views are the per-parameter
     state) and its orthogonalization workspace."""
 
-    def __init__(self, params, states):
+    def __init__(self, params, states, gram):
         K = len(params)
         rows, cols = params[0].shape
         device = params[0].device
@@ -306,7 +437,7 @@ class _Stack:
         self.views = list(self.buffer.unbind(0))
         for state, view in zip(states, self.views):
             state["momentum_buffer"] = view
-        self.workspace = MuonWorkspace(K, rows, cols, device) if runs_triton(device) else None
+        self.workspace = MuonWorkspace(K, rows, cols, device, gram=gram) if runs_triton(device) else None
 
 
 class Muon(torch.optim.Optimizer):
@@ -314,11 +445,12 @@ class Muon(torch.optim.Optimizer):
 
     State per parameter: `momentum_buffer` (fp32, a view into its stack's buffer). Hyperparameters are read from
     the group at each step (a scheduler may change lr and momentum).
-    `tile` / `num_warps` tune the elementwise CUDA kernels.
+    `block` / `num_warps` tune the elementwise CUDA kernels; `gram` ("triangle", "bmm", None = by device) picks
+    who computes the symmetric products of the orthogonalization (see MuonWorkspace).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, *,
-                 coefficients="polar_express", tile=None, num_warps=None):
+                 coefficients="polar_express", block=None, num_warps=None, gram=None):
         ns_coefficients(coefficients, ns_steps)  # validates both
         _check("Muon", lr, momentum, weight_decay)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
@@ -330,7 +462,10 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(
                         f"Muon: parameter {pi} of group {gi} has shape {tuple(p.shape)}; Muon is for 2D matrices "
                         "only (give embeddings, heads, vectors and scalars to AdamW)")
-        self._tile = tile
+        if gram not in (None, "triangle", "bmm"):
+            raise ValueError(f"Muon: gram must be 'triangle' or 'bmm', got {gram!r}")
+        self._block = block
+        self._gram = gram
         self._num_warps = num_warps
         self._stacks = {}  # (group index, param ids) -> _Stack
 
@@ -360,7 +495,7 @@ class Muon(torch.optim.Optimizer):
                 if stack.workspace is None:  # CPU tensors without the Triton interpreter
                     muon_reference_step(params, grads, stack.buffer, **hyper)
                 else:
-                    muon_update_stacked(params, grads, stack.buffer, stack.workspace, **hyper, tile=self._tile,
+                    muon_update_stacked(params, grads, stack.buffer, stack.workspace, **hyper, block=self._block,
                                         num_warps=self._num_warps)
         return loss
 
@@ -369,7 +504,7 @@ class Muon(torch.optim.Optimizer):
         stack = self._stacks.get(key)
         states = [self.state[p] for p in params]
         if stack is None or any(s.get("momentum_buffer") is not v for s, v in zip(states, stack.views)):
-            stack = _Stack(params, states)
+            stack = _Stack(params, states, self._gram)
             self._stacks[key] = stack
         return stack
 

@@ -3,7 +3,10 @@
 The elementwise stages (momentum, Nesterov blend, bf16 cast + transpose, Frobenius norm, shape-scaled cautious
 update) are checked tightly with the orthogonalization switched off (zero iterations), so both sides see the same
 bf16 input; the full step is then checked within bf16 orthogonalization noise, and the orthogonalization itself
-by the singular values it produces. Odd shapes: several matrices of one shape (one stacked launch), tall, wide.
+by the singular values it produces. The Triton Gram kernel (lower-triangle tiles mirrored, fused epilogue) is
+checked against float64 products of the same bf16 inputs, in both layouts. Odd shapes: several matrices of one
+shape (one stacked launch), tall, wide. Under the interpreter the optimizer defaults to torch's bmm for the Gram
+products (a Gram program costs ~20 ms there), so the tests that exercise the Triton kernel ask for it.
 """
 
 import copy
@@ -14,6 +17,7 @@ import torch
 from fastsft.kernels import Muon
 from fastsft.kernels.muon import (
     MuonWorkspace,
+    gram_,
     lr_shape_scale,
     muon_reference_step,
     muon_update_stacked,
@@ -55,8 +59,8 @@ def test_elementwise_stages_match_reference(nesterov):
     for step in range(3):
         grads = grads_for(step)
         for s, idx in stacks().items():
-            # tile=16: several tiles per matrix with ragged edges (13, 29, 37, 11 are not multiples of 16).
-            muon_update_stacked([ours[i] for i in idx], [grads[i] for i in idx], bufs[s], workspaces[s], tile=16,
+            # block=128: several blocks per matrix, the last one ragged (377, 407, 576 elements).
+            muon_update_stacked([ours[i] for i in idx], [grads[i] for i in idx], bufs[s], workspaces[s], block=128,
                                 **hyper)
             muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], ref_bufs[s], **hyper)
     for s in bufs:
@@ -67,15 +71,15 @@ def test_elementwise_stages_match_reference(nesterov):
         assert (p - init).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_step_matches_reference(dtype):
+@pytest.mark.parametrize("dtype, gram", [(torch.float32, "triangle"), (torch.bfloat16, "bmm")])
+def test_full_step_matches_reference(dtype, gram):
     hyper = dict(lr=0.05, momentum=0.95, nesterov=True, weight_decay=0.1)
     coefficients = ns_coefficients("polar_express", 5)
     ours = make_params(dtype)
     ref = [p.detach().clone() for p in ours]
     init = [p.detach().float().clone() for p in ours]
     ref_bufs = {s: torch.zeros(len(idx), *s, device=DEVICE) for s, idx in stacks().items()}
-    opt = Muon(ours, ns_steps=5, **hyper)
+    opt = Muon(ours, ns_steps=5, gram=gram, **hyper)
     for step in range(3):
         grads = grads_for(step, dtype)
         for p, g in zip(ours, grads):
@@ -112,28 +116,62 @@ def test_one_step_update_is_nearly_orthogonal(name, lo, hi):
         assert lo < sv.min().item() and sv.max().item() < hi, (name, tuple(p.shape), sv.min(), sv.max())
 
 
-def test_batched_orthogonalization_tracks_the_exact_iteration():
+@pytest.mark.parametrize("gram", ["triangle", "bmm"])
+@pytest.mark.parametrize("tall", [False, True])
+def test_batched_orthogonalization_tracks_the_exact_iteration(gram, tall):
     g = torch.Generator().manual_seed(3)
     G = torch.randn(3, 12, 40, generator=g).to(DEVICE)  # (K, m, n), m <= n
+    if tall:
+        G = G.mT.contiguous()  # (K, n, m): iterated through strides, never transposed in memory
     coefficients = ns_coefficients("polar_express", 5)
-    norm = G.bfloat16().float().norm(dim=(-2, -1), keepdim=True)
-    x0 = (G.bfloat16().float() * (1.0 / (norm * 1.02 + 1e-6))).bfloat16()
-    ws = MuonWorkspace(3, 12, 40, DEVICE)
-    ws.x.copy_(x0)
-    ours = orthogonalize_(ws, coefficients).double()
+    x = G.bfloat16()
+    norm = x.float().norm(dim=(-2, -1))  # (K,)
+    scale = 1.0 / (norm * 1.02 + 1e-6)
+    ws = MuonWorkspace(3, *G.shape[1:], DEVICE, gram=gram)
+    ws.x.copy_(x)  # not normalized: the scale is folded into the first step
+    ours = orthogonalize_(ws, coefficients, scale).double()
     ref = orthogonalize_reference(G, coefficients).double()
-    exact = x0.double()  # the same polynomial iteration in float64
+    exact = (x.double() * scale.double().view(3, 1, 1))  # the same polynomial iteration in float64
+    if tall:
+        exact = exact.mT
     for a, b, c in coefficients:
         A = exact @ exact.mT
         exact = a * exact + (b * A + c * A @ A) @ exact
+    if tall:
+        exact = exact.mT
 
     def rel(u):
         return ((u - exact).norm() / exact.norm()).item()
 
-    # bf16 rounding noise only; the fused baddbmm epilogues round less often than the reference's separate ops.
+    # bf16 rounding noise only; the fused epilogues round less often than the reference's separate ops.
     assert rel(ours) < 0.04 and rel(ours) <= rel(ref) + 0.01, (rel(ours), rel(ref))
+    gram_ours = ours.mT @ ours if tall else ours @ ours.mT
     eye = torch.eye(12, device=DEVICE, dtype=torch.float64).expand(3, 12, 12)
-    assert ((ours @ ours.mT - eye).abs().max()).item() < 0.5  # Polar Express: singular values within ~15% of 1
+    assert ((gram_ours - eye).abs().max()).item() < 0.5  # Polar Express: singular values within ~15% of 1
+
+
+@pytest.mark.parametrize("m, length, columns", [(37, 29, False), (37, 29, True), (32, 48, False)])
+def test_gram_kernel_matches_float64(m, length, columns):
+    """out = s_k (alpha X X^T + beta D + diag I) over lower-triangle tiles; (32, 48) takes the unmasked path."""
+    g = torch.Generator().manual_seed(m + length)
+    K = 2
+    x = torch.randn(K, m, length, generator=g).bfloat16().to(DEVICE)  # (K, m, L)
+    if columns:
+        x = x.mT.contiguous()  # (K, L, m): the kernel forms X^T X through strides
+    d = torch.randn(K, m, m, generator=g)
+    d = (d + d.mT).bfloat16().to(DEVICE)  # symmetric, as A is
+    scale = (torch.rand(K, generator=g) + 0.5).to(DEVICE)
+    ws = MuonWorkspace(K, m, m, DEVICE, gram="triangle", gram_tile=16, gram_bk=16, gram_warps=4)
+    assert ws.pairs.size(0) == (3 * 4 // 2 if m == 37 else 2 * 3 // 2)  # lower triangle only
+    out = torch.empty(K, m, m, dtype=torch.bfloat16, device=DEVICE)
+    gram_(ws, x, out, gram_of_columns=columns, alpha=-1.7, beta=0.6, diag=2.5, d=d, scale=scale)
+    x64 = x.double().mT if columns else x.double()
+    want = -1.7 * (x64 @ x64.mT) + 0.6 * d.double() + 2.5 * torch.eye(m, dtype=torch.float64, device=DEVICE)
+    want = want * scale.double().view(K, 1, 1)
+    torch.testing.assert_close(out.double(), want, rtol=2.0**-8, atol=1e-2)
+    assert torch.equal(out, out.mT)  # mirrored tiles: exactly symmetric
+    plain = gram_(ws, x, torch.empty_like(out), gram_of_columns=columns)
+    torch.testing.assert_close(plain.double(), x64 @ x64.mT, rtol=2.0**-8, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -169,5 +207,7 @@ def test_rejects_what_muon_cannot_do():
         Muon([torch.zeros(7, requires_grad=True)])
     with pytest.raises(ValueError, match="polar_express has 5 tuned steps"):
         Muon([torch.zeros(3, 4, requires_grad=True)], ns_steps=6)
+    with pytest.raises(ValueError, match="gram must be 'triangle' or 'bmm'"):
+        Muon([torch.zeros(3, 4, requires_grad=True)], gram="cutlass")
     with pytest.raises(ValueError, match="momentum must be in"):
         Muon([torch.zeros(3, 4, requires_grad=True)], momentum=1.5)
