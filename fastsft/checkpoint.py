@@ -7,8 +7,12 @@ fastsft's format (a directory), readable without unpickling anything:
   train_state.safetensors  optional: every tensor of the training state (optimizer states, RNG states, ...)
   train_state.json         optional: the rest of the training state (step, data position, hyperparameters), with
                            placeholders where tensors, tuples, non-string dict keys and numpy arrays were
-Every file is written atomically (temporary file in the same directory, fsync, os.replace), config.json last, so
-a crash leaves either the old or the new version of each file and never a truncated one.
+The directory is written as a whole: every file goes into a temporary sibling directory (fsync'd), which is then
+renamed onto the checkpoint's name, so a reader sees the complete old checkpoint or the complete new one, never a
+mix of files from two saves and never a stale optional file from an earlier save. Replacing an existing
+checkpoint takes two renames (old aside, new in place); an exception between them puts the old one back, and a
+hard crash there leaves the new checkpoint complete in `.NAME.*.tmp` and the old one in `.NAME.*.old` beside
+it, which load() names in its error.
 
 nanochat's format: model_XXXXXX.pt (a plain state_dict, torch.save) + meta_XXXXXX.json ({"model_config": ...}) in
 one directory, and its tokenizer as tokenizer.pkl (a pickled tiktoken Encoding), which is only unpickled when the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -168,10 +173,37 @@ def save(model: GPT, path: str | os.PathLike, tokenizer=None, train_state: dict 
     meta: small JSON-able extras kept in config.json.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
     if not isinstance(model, GPT):
         raise TypeError(f"save: expected a fastsft GPT, got {type(model).__name__}")
+    if path.exists() and not (path / CONFIG_FILE).is_file():
+        raise FileExistsError(f"save: {path} exists and is not a fastsft checkpoint; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    staging = path.with_name(f".{path.name}.{tag}.tmp")
+    staging.mkdir()
+    try:
+        _write_checkpoint_files(staging, model, tokenizer, train_state, meta)
+        _fsync_dir(staging)
+        if path.exists():
+            retired = path.with_name(f".{path.name}.{tag}.old")
+            os.rename(path, retired)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(retired, path)  # an exception (not a power cut) puts the old checkpoint back
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, path)
+        _fsync_dir(path.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return path
+
+
+def _write_checkpoint_files(path: Path, model: GPT, tokenizer, train_state, meta) -> None:
     state = {k.removeprefix("_orig_mod."): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path / MODEL_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT_NAME}))
     if tokenizer is not None:
@@ -183,7 +215,6 @@ def save(model: GPT, path: str | os.PathLike, tokenizer=None, train_state: dict 
         _write_json(path / STATE_JSON_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "state": tree})
     _write_json(path / CONFIG_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                                      "config": model.config.to_dict(), "meta": meta or {}})
-    return path
 
 
 def load(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict]:
@@ -195,7 +226,9 @@ def load(path: str | os.PathLike, device="cpu") -> tuple[GPT, dict]:
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"load: {config_path} not found; is {path} a fastsft checkpoint directory?")
+        leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.*")) if path.parent.is_dir() else []
+        hint = f" (an interrupted save left {', '.join(leftovers)} beside it)" if leftovers else ""
+        raise FileNotFoundError(f"load: {config_path} not found; is {path} a fastsft checkpoint directory?{hint}")
     with open(config_path, encoding="utf-8") as f:
         header = json.load(f)
     if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:

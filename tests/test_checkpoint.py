@@ -145,10 +145,68 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.iterdir()) == [checkpoint.CONFIG_FILE, checkpoint.MODEL_FILE]
     with pytest.raises(KeyboardInterrupt):
         save(model, tmp_path / "fresh")
-    assert list((tmp_path / "fresh").iterdir()) == []  # nothing half-written, no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing half-written, no temporary left behind
     monkeypatch.undo()
     loaded, _ = load(target)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_checkpoint_never_mixes_files_of_two_saves(tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    save(tiny_model(seed=3), target, train_state={"lr": torch.tensor([1.0]), "mom": torch.tensor([2.0, 2.0])})
+    real_write_json = checkpoint._write_json
+
+    def dies_after_state_tensors(path, data):
+        if path.name == checkpoint.STATE_JSON_FILE:
+            raise KeyboardInterrupt("crash between the training-state tensors and their JSON")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_json", dies_after_state_tensors)
+    with pytest.raises(KeyboardInterrupt):
+        save(tiny_model(seed=4), target, train_state={"mom": torch.tensor([0.5]), "lr": torch.tensor([9.0, 9.0])})
+    monkeypatch.undo()
+    _, extras = load(target)
+    assert torch.equal(extras["train_state"]["lr"], torch.tensor([1.0]))  # the old state, whole
+    assert torch.equal(extras["train_state"]["mom"], torch.tensor([2.0, 2.0]))
+
+    save(tiny_model(seed=5), target)  # a save without training state leaves none behind
+    assert load(target)[1]["train_state"] is None
+
+
+def test_failure_between_the_renames_restores_the_old_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    old_model = tiny_model(seed=3)
+    save(old_model, target)
+    real_rename, calls = checkpoint.os.rename, []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("crash after moving the old checkpoint aside")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", second_rename_fails)
+    with pytest.raises(KeyboardInterrupt):
+        save(tiny_model(seed=4), target)
+    monkeypatch.undo()
+    loaded, _ = load(target)
+    assert all(torch.equal(a, b) for a, b in zip(old_model.state_dict().values(), loaded.state_dict().values()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_load_names_what_a_hard_crash_left_behind(tmp_path):
+    save(tiny_model(seed=3), tmp_path / "ck")
+    (tmp_path / "ck").rename(tmp_path / ".ck.0123.old")  # as a power cut between the two renames leaves it
+    with pytest.raises(FileNotFoundError, match=r"interrupted save left \.ck\.0123\.old"):
+        load(tmp_path / "ck")
+
+
+def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a fastsft checkpoint"):
+        save(tiny_model(), tmp_path / "data")
+    assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
 
 
 def test_load_rejects_foreign_directories(tmp_path):
