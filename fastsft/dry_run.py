@@ -46,6 +46,8 @@ def dry_run(spec: str, rows: int = 8, seq_len: int = 512, tokenizer: str | None 
               f"packing efficiency {100 * s.efficiency:.1f}%\n")
     out.write(f"data path: {seconds:.2f} s for the epoch ({s.conversations / seconds:,.0f} conversations/s, "
               f"{s.tokens / seconds / 1e6:.2f} M tokens/s, render + pack, one CPU thread)\n")
+    if task.skip_summary():  # the skip policy reports every left-out row by reason, at the end
+        out.write("skipped rows (--skip-bad-rows):\n  " + task.skip_summary().replace("\n", "\n  ") + "\n")
     out.write("dry run: no model was built and nothing was trained\n")
     return dict(batches=s.batches, conversations=s.conversations, tokens=s.tokens, supervised=s.supervised,
                 truncated=s.truncated, efficiency=s.efficiency)

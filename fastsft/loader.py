@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fastsft.packing import PackedBatch, pack_rows, render_batch
-
-SEGMENT_TOKENS = 32  # default cu_seqlens budget: a row of T tokens may hold T // 32 conversations
+from fastsft.chat import ConversationError
+from fastsft.data.base import DataError
+from fastsft.packing import PackedBatch, default_max_seqs, pack_rows, render_batch
 
 
 @dataclass
@@ -49,15 +49,12 @@ class PackedBatchStream:
             raise ValueError(f"need rows >= 1 and seq_len >= 2, got rows={rows}, seq_len={seq_len}")
         self.task, self.tokenizer = task, tokenizer
         self.rows, self.seq_len = rows, seq_len
-        # Enough short conversations to fill every row: twice the segments a batch can hold at the default below.
-        self.buffer = buffer if buffer is not None else 2 * rows * (seq_len // SEGMENT_TOKENS + 1)
+        self.max_seqs = max_seqs if max_seqs is not None else default_max_seqs(rows, seq_len)
+        # Enough short conversations to fill every row: twice the segments a batch can hold.
+        self.buffer = buffer if buffer is not None else 2 * self.max_seqs
         if self.buffer < 1 or render_chunk < 1:
             raise ValueError(f"buffer and render_chunk must be >= 1, got {self.buffer} and {render_chunk}")
         self.render_chunk = render_chunk
-        # One segment per SEGMENT_TOKENS tokens of a row, one more, and the padding: short chat data (tens of tokens per
-        # conversation) would otherwise run out of segments before rows fill (79% vs 96% efficiency measured on
-        # the synthetic mixture at 8 x 512). Zero-length padded entries cost attention nothing.
-        self.max_seqs = max_seqs if max_seqs is not None else rows * (seq_len // SEGMENT_TOKENS + 2)
         self.pad_id = tokenizer.bos_id if pad_id is None else pad_id
         self.stats = StreamStats()
 
@@ -68,7 +65,10 @@ class PackedBatchStream:
             while len(pending) < self.buffer and next_index < total:
                 stop = min(total, next_index + self.render_chunk)
                 conversations = [self.task[i] for i in range(next_index, stop)]
-                pending.extend(render_batch(self.tokenizer, conversations, max_tokens=self.seq_len + 1))
+                try:
+                    pending.extend(render_batch(self.tokenizer, conversations, max_tokens=self.seq_len + 1))
+                except ConversationError as e:  # its index counts inside the chunk: name the task's own
+                    raise DataError(f"{self.task.name}: conversation {next_index + e.index}: {e.reason}") from e
                 next_index = stop
             if not pending:
                 return

@@ -82,3 +82,40 @@ def test_train_dry_run_command(capsys):
     assert "epoch: 40 conversations" in out and "(2, 96) int64" in out and "nothing was trained" in out
     assert main(["train", "--data", "synthetic:spell?size=40"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_a_bad_conversation_is_named_by_task_and_position(tokenizer):
+    from fastsft.data import Task
+    from fastsft.data.base import DataError
+
+    class OneBadRow(Task):
+        name = "one-bad-row"
+
+        def num_examples(self):
+            return 30
+
+        def get_example(self, index):
+            first = "assistant" if index == 23 else "user"
+            return {"messages": [{"role": first, "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+    stream = PackedBatchStream(OneBadRow(), tokenizer, rows=2, seq_len=64, render_chunk=8)
+    with pytest.raises(DataError, match=r"one-bad-row: conversation 23: message 0: expected role 'user'"):
+        list(stream)
+
+
+def test_dry_run_reports_skipped_rows_at_the_end(tmp_path, capsys):
+    import json
+
+    from fastsft.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(12)]
+    rows[5] = {"messages": [{"role": "assistant", "content": "out of order"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["train", "--dry-run", "--data", f"jsonl:{path}", "--rows", "1", "--seq-len", "64",
+                 "--skip-bad-rows"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch: 11 conversations" in out
+    tail = out[out.index("skipped rows"):]
+    assert "skipped 1 rows" in tail and "nothing was trained" in tail

@@ -249,8 +249,8 @@ def test_bad_input_errors(pack):
 
 def test_default_max_seqs_raises_when_exceeded_without_fixed_rows():
     tiny = [_pair(1) for _ in range(10)]
-    assert default_max_seqs(1, 16) == 1  # 16 // 64 + 1
-    with pytest.raises(ValueError, match="max_seqs=1; pass a larger max_seqs"):
+    assert default_max_seqs(1, 16) == 2  # 16 // 32 + 2
+    with pytest.raises(ValueError, match="max_seqs=2; pass a larger max_seqs"):
         pack_rows(tiny, 16)
     # With fixed rows the same budget turns the overflow into left-overs instead.
     packed = pack_rows(tiny, 16, num_rows=1, max_seqs=4)
