@@ -21,7 +21,7 @@ namespace fastsft {
 
 namespace py = pybind11;
 
-// Buffers are kept by capacity in size classes (sixteen per power of two, at most 6.25% slack) so that batches
+// Buffers are kept by capacity in size classes (8 to 16 per power of two, at most 12.5% slack) so that batches
 // of slightly different sizes still reuse memory; the oldest idle buffer is dropped first when the pool is full.
 class BufferPool {
  public:
@@ -73,7 +73,8 @@ class BufferPool {
   }
 
  private:
-  // Rounds up to a multiple of 1/8 of the highest power of two <= bytes (and of kHeader).
+  // Rounds up to a multiple of `step`, the smallest power-of-two multiple of kHeader with step * 16 > bytes, so
+  // step lies in (bytes / 16, bytes / 8] once bytes exceeds 16 * kHeader.
   static size_t size_class(size_t bytes) {
     size_t step = kHeader;
     while (step * 16 <= bytes) step *= 2;

@@ -27,12 +27,12 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 # Assistant part type -> (opening special or None, closing special or None, mask of the whole part).
-_PART_LAYOUT = {
+PART_LAYOUT = {
     "text": (None, None, 1),
     "python": ("<|python_start|>", "<|python_end|>", 1),
     "python_output": ("<|output_start|>", "<|output_end|>", 0),
 }
-PART_TYPES = tuple(_PART_LAYOUT)
+PART_TYPES = tuple(PART_LAYOUT)
 
 
 class ConversationError(ValueError):
@@ -60,7 +60,7 @@ def _check_assistant_content(content: object, index: int, position: int) -> None
         if not isinstance(part, Mapping):
             raise ConversationError(index, f"message {position}: part {k} must be a dict, got {type(part).__name__}")
         kind = part.get("type")
-        if kind not in _PART_LAYOUT:
+        if kind not in PART_LAYOUT:
             raise ConversationError(
                 index, f"message {position}: part {k} has unknown type {kind!r}; expected one of {PART_TYPES}"
             )
@@ -152,7 +152,7 @@ def _render_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
         add([special("<|assistant_start|>")], 0)
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         for part in parts:
-            opening, closing, supervised = _PART_LAYOUT[part["type"]]
+            opening, closing, supervised = PART_LAYOUT[part["type"]]
             if opening is not None:
                 add([special(opening)], supervised)
             add(tokenizer.encode(part["text"]), supervised)

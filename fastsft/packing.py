@@ -42,17 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastsft import _C
-from fastsft.chat import normalize_conversation
+from fastsft.chat import PART_LAYOUT, normalize_conversation
 
 SEGMENT_TOKENS = 32  # default budget: one segment per 32 tokens of a row, one more, and one for its padding
-
-# Mask value of each assistant part's tokens and the specials around it (None = no special).
-_PART_OPS = {
-    "text": (None, None, 1),
-    "python": ("<|python_start|>", "<|python_end|>", 1),
-    "python_output": ("<|output_start|>", "<|output_end|>", 0),
-}
-
 
 def default_max_seqs(rows: int, seq_len: int) -> int:
     """The default cu_seqlens budget (number of segments) for `rows` rows of `seq_len` tokens."""
@@ -111,7 +103,7 @@ def render_batch_flat(tokenizer, conversations: Iterable, max_tokens: int = 2048
     assistant_start, assistant_end = special("<|assistant_start|>", 0), special("<|assistant_end|>", 1)
     assistant_text_ops = (assistant_start, text_ops[1], assistant_end)
     part_ops = {}  # part type -> its ops, specials around the text included
-    for kind, (opening, closing, m) in _PART_OPS.items():
+    for kind, (opening, closing, m) in PART_LAYOUT.items():
         part_ops[kind] = (text_ops[m],) if opening is None else (special(opening, m), text_ops[m], special(closing, m))
 
     texts: list[str] = []

@@ -54,3 +54,15 @@ def round_to_bf16(x, MANUAL: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(tl.bfloat16)
+
+
+def params_with_grads(optimizer: str, gi: int, group: dict):
+    """Yield the group's parameters that have a gradient, after the checks every fused step needs."""
+    for pi, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise TypeError(f"{optimizer}: parameter {pi} of group {gi} has a sparse gradient; not supported")
+        if not p.is_contiguous():
+            raise ValueError(f"{optimizer}: parameter {pi} of group {gi} (shape {tuple(p.shape)}) is not contiguous")
+        yield p

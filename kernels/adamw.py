@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import ALIGN_BYTES, device_table, interpreter_enabled, round_to_bf16, runs_triton, tl_dtype
+from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
+                            runs_triton, tl_dtype)
 
 _GPU_BLOCK = 2048
 _GPU_WARPS = 4
@@ -158,13 +159,7 @@ class AdamW(torch.optim.Optimizer):
             _check_hyperparameters(f"AdamW group {gi}", group["lr"], group["betas"], group["eps"],
                                    group["weight_decay"])
             buckets = {}
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"AdamW: parameter {pi} of group {gi} has a sparse gradient; not supported")
-                if not p.is_contiguous():
-                    raise ValueError(f"AdamW: parameter {pi} of group {gi} (shape {tuple(p.shape)}) is not contiguous")
+            for p in params_with_grads("AdamW", gi, group):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0

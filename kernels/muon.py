@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import ALIGN_BYTES, device_table, interpreter_enabled, round_to_bf16, runs_triton, tl_dtype
+from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
+                            runs_triton, tl_dtype)
 
 POLAR_EXPRESS_COEFFICIENTS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -430,6 +431,7 @@ class _Stack:
         K = len(params)
         rows, cols = params[0].shape
         device = params[0].device
+        self.ids = tuple(id(p) for p in params)
         self.buffer = torch.zeros(K, rows, cols, dtype=torch.float32, device=device)  # (K, rows, cols)
         for k, state in enumerate(states):
             if "momentum_buffer" in state:  # carried over from load_state_dict or from another stack
@@ -467,7 +469,7 @@ class Muon(torch.optim.Optimizer):
         self._block = block
         self._gram = gram
         self._num_warps = num_warps
-        self._stacks = {}  # (group index, param ids) -> _Stack
+        self._stacks = {}  # (group index, shape, dtype, device) -> _Stack
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -479,13 +481,7 @@ class Muon(torch.optim.Optimizer):
             _check(f"Muon group {gi}", group["lr"], group["momentum"], group["weight_decay"])
             coefficients = ns_coefficients(group["coefficients"], group["ns_steps"])
             buckets = {}
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"Muon: parameter {pi} of group {gi} has a sparse gradient; not supported")
-                if not p.is_contiguous():
-                    raise ValueError(f"Muon: parameter {pi} of group {gi} (shape {tuple(p.shape)}) is not contiguous")
+            for p in params_with_grads("Muon", gi, group):
                 buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
             for params in buckets.values():
                 stack = self._stack(gi, params)
@@ -500,10 +496,15 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _stack(self, gi, params):
-        key = (gi, tuple(id(p) for p in params))
+        # One cached stack per (group, shape, dtype, device): when the set of parameters with gradients changes,
+        # the new stack replaces the old one instead of piling up workspaces.
+        p0 = params[0]
+        key = (gi, tuple(p0.shape), p0.dtype, p0.device)
+        ids = tuple(id(p) for p in params)
         stack = self._stacks.get(key)
         states = [self.state[p] for p in params]
-        if stack is None or any(s.get("momentum_buffer") is not v for s, v in zip(states, stack.views)):
+        if (stack is None or stack.ids != ids
+                or any(s.get("momentum_buffer") is not v for s, v in zip(states, stack.views))):
             stack = _Stack(params, states, self._gram)
             self._stacks[key] = stack
         return stack

@@ -211,3 +211,21 @@ def test_rejects_what_muon_cannot_do():
         Muon([torch.zeros(3, 4, requires_grad=True)], gram="cutlass")
     with pytest.raises(ValueError, match="momentum must be in"):
         Muon([torch.zeros(3, 4, requires_grad=True)], momentum=1.5)
+
+
+def test_changing_set_of_gradients_keeps_one_stack_per_shape():
+    """A parameter without a gradient sits a step out; its momentum is kept and no workspace piles up."""
+    from fastsft.kernels import Muon
+
+    g = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(13, 7, generator=g)) for _ in range(3)]
+    opt = Muon(params, lr=0.01)
+    for step, with_grad in enumerate([(0, 1, 2), (0, 2), (1,), (0, 1, 2)]):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(13, 7, generator=g) if i in with_grad else None
+        before = {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(params) if p in opt.state}
+        opt.step()
+        assert len(opt._stacks) == 1
+        for i, buf in before.items():
+            moved = not torch.equal(opt.state[params[i]]["momentum_buffer"], buf)
+            assert moved == (i in with_grad), (step, i)
