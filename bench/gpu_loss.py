@@ -1,16 +1,21 @@
 """GPU benchmark of the loss kernels: linear_cross_entropy and cross_entropy against the compiled reference,
 Liger's fused linear cross-entropy and Apple's cut-cross-entropy (CCE), at full size.
 
-Prints a table last; `main()` returns its rows (list of dicts) for a combined kernels script. Liger and CCE are
-optional imports: a failure is reported as a row and the run goes on. Timings are forward+backward medians of
-triton.testing.do_bench; memory is the peak of torch.cuda.max_memory_allocated above what was allocated before
-the call (gradients included, inputs excluded).
+Prints a header line (device, torch, triton) first and a table last (the header again as its first row); `main()`
+returns the rows (list of dicts) for a combined kernels script. Liger and CCE are optional imports: a failure is
+reported as a row and the run goes on. Timings are forward+backward medians of triton.testing.do_bench; memory is
+the peak of torch.cuda.max_memory_allocated above what was allocated before the call (gradients included, inputs
+excluded), in MiB: the two bf16 gradients alone are the floor (e.g. 192 MiB at N=32768, H=1024, V=65536).
+
+`previous layout` re-runs, inside this file, the row-chunk layout that kernels/linear_cross_entropy.py used before
+2026-11-25 (fp32 (V, H) dW accumulator over row chunks), so old and new are compared in one run.
 
     python bench/gpu_loss.py            # everything
     python bench/gpu_loss.py --quick    # skip the tuning sweeps
 """
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -20,7 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-import fastsft.kernels.linear_cross_entropy as lce_mod
+# By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
+lce_mod = importlib.import_module("fastsft.kernels.linear_cross_entropy")
 from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
@@ -28,13 +34,57 @@ GiB = 2**30
 LCE_SHAPES = [  # (N, H, V, fraction of targets ignored)
     (32768, 1024, 65536, 0.5),
     (16384, 2048, 151936, 0.0),
+    (32768, 1024, 65536, 0.25),  # fewer than half ignored: the gathered rows need their own buffer
 ]
 
 
-SWEEPS = [  # (CHUNK_BYTES MiB, MIN_CHUNK_ROWS, DW_ACCUM_FP32) tried besides the default, per LCE shape
-    [(256, 2048, False), (256, 4096, True), (1024, 2048, True), (1024, 2048, False)],
-    [(256, 2048, False), (256, 4096, True), (256, 4096, False)],
+SWEEPS = [  # (VOCAB_CHUNK_BYTES MiB, MIN_VOCAB_CHUNK, MAX_ROW_CHUNK) tried besides the default, per LCE shape
+    [(8, 256, None), (8, 128, None), (32, 512, None), (64, 512, None)],
+    [(8, 256, None), (32, 512, None), (64, 512, None)],
+    [(8, 256, None)],
 ]
+KNOBS = ("VOCAB_CHUNK_BYTES", "MIN_VOCAB_CHUNK", "MAX_ROW_CHUNK")
+
+
+def previous_layout_forward(hidden, weight, targets):
+    """The pre-2026-11-25 layout (3 matmuls per row chunk, fp32 dW accumulator), kept here as a same-run baseline."""
+    from fastsft.kernels._ce_rows import ce_rows
+
+    valid = targets >= 0
+    n_sup = int(valid.sum())
+    rows = torch.nonzero_static(valid, size=n_sup).squeeze(1)
+    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
+    vocab = weight.shape[0]
+    chunk = min(n_sup, max(2048, 256 * 2**20 // (vocab * 2)))
+    buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
+    lse = torch.empty(n_sup, device=hidden.device)
+    loss = torch.empty(n_sup, device=hidden.device)
+    one = torch.ones((), device=hidden.device)
+    dh_sup = torch.empty_like(h)
+    acc = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n_sup, chunk):
+        end = min(n_sup, start + chunk)
+        logits = buf[: end - start]
+        torch.mm(h[start:end], weight.t(), out=logits)
+        ce_rows(logits, t[start:end], lse[start:end], loss[start:end], grad_out=logits, grad_scale=one)
+        torch.mm(logits, weight, out=dh_sup[start:end])
+        torch.addmm(acc, logits.t(), h[start:end], beta=0 if start == 0 else 1, out_dtype=torch.float32, out=acc)
+    del buf, logits, h
+    dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_sup)
+    return loss.sum(), dh, acc.to(weight.dtype)
+
+
+class PreviousLayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        loss, dh, dw = previous_layout_forward(hidden, weight, targets)
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return dh.mul_(grad), dw.mul_(grad), None
 
 
 def log(*args):
@@ -46,8 +96,8 @@ def make_lce_inputs(n, h, v, ignored, seed=0):
     hidden = torch.randn(n, h, device="cuda", generator=gen, dtype=torch.bfloat16)
     weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5 * 2).to(torch.bfloat16)
     targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    if ignored:
-        targets[torch.rand(n, device="cuda", generator=gen) < ignored] = -1
+    if ignored:  # exactly this fraction: the layout of the gathered rows depends on whether it is >= 1/2
+        targets[torch.randperm(n, device="cuda", generator=gen)[: round(ignored * n)]] = -1
     return hidden.requires_grad_(), weight.requires_grad_(), targets
 
 
@@ -102,8 +152,11 @@ def outside_impls():
 
 def lce_correctness(rows, shape):
     n, h, v, ignored = shape
-    hidden, weight, targets = make_lce_inputs(n, h, v, ignored, seed=1)
-    for softcap in (None, 15.0):
+    cases = [(ignored, None), (ignored, 15.0)]
+    if ignored:  # both layouts of the gathered rows: own buffer (< half ignored) and parked in dh (>= half)
+        cases += [(0.25, None), (0.75, None)]
+    for ignored, softcap in cases:
+        hidden, weight, targets = make_lce_inputs(n, h, v, ignored, seed=1)
         loss, cnt = linear_cross_entropy(hidden, weight, targets, softcap)
         loss.backward()
         gh, gw = hidden.grad, weight.grad
@@ -111,12 +164,35 @@ def lce_correctness(rows, shape):
         ref, ref_n = linear_cross_entropy_reference(hidden, weight, targets, softcap)
         ref.backward()
         rows.append(dict(kind="correctness", case=f"lce N={n} H={h} V={v} ign={ignored} softcap={softcap}",
+                         parked_in_dh=2 * int(cnt) <= n,
                          impl="fastsft", loss_rel=abs(loss.item() - ref.item()) / abs(ref.item()),
                          n_ok=int(cnt) == int(ref_n), dh_rel=rel(gh, hidden.grad), dw_rel=rel(gw, weight.grad)))
         log(rows[-1])
         hidden.grad = weight.grad = None
-        del ref, gh, gw
+        del ref, gh, gw, hidden, weight, targets
         torch.cuda.empty_cache()
+
+
+def grads_taken(hidden, weight, targets):
+    """Whether .grad ends up being the very buffers the op made (autograd took them) rather than copies."""
+    made, impl = {}, lce_mod._forward_impl
+
+    def recording(*args):
+        out = impl(*args)
+        if out[2].numel():
+            made.update(dh=out[2].data_ptr(), dw=out[3].data_ptr())
+        return out
+
+    lce_mod._forward_impl = recording
+    try:
+        hidden.grad = weight.grad = None
+        linear_cross_entropy(hidden, weight, targets)[0].backward()
+        taken = hidden.grad.data_ptr() == made.get("dh") and weight.grad.data_ptr() == made.get("dw")
+        log(f"grads taken without a copy (GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}")
+        return taken
+    finally:
+        lce_mod._forward_impl = impl
+        hidden.grad = weight.grad = None
 
 
 def lce_timings(rows, shape, impls, errors, sweep):
@@ -124,8 +200,6 @@ def lce_timings(rows, shape, impls, errors, sweep):
     case = f"lce N={n} H={h} V={v} ign={ignored}"
     hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
     tensors = (hidden, weight)
-    compiled_ref = torch.compile(linear_cross_entropy_reference)  # fp32 matmul: the exactness reference
-
     @torch.compile
     def compiled_bf16(hidden, weight, targets):  # what nanochat does: bf16 matmul, fp32 logits, F.cross_entropy
         logits = (hidden @ weight.t()).float()
@@ -134,72 +208,99 @@ def lce_timings(rows, shape, impls, errors, sweep):
     def add(impl, fn, **extra):
         try:
             ms, mem = time_and_memory(fwd_bwd(lambda: fn(hidden, weight, targets), *tensors), tensors)
-            rows.append(dict(kind="time", case=case, impl=impl, ms=round(ms, 3), extra_GiB=round(mem, 3), **extra))
+            rows.append(dict(kind="time", case=case, impl=impl, ms=round(ms, 3), extra_GiB=round(mem, 4),
+                             extra_MiB=round(mem * 1024, 1), **extra))
         except Exception as e:
             rows.append(dict(kind="time", case=case, impl=impl, error=repr(e)[:160]))
         log(rows[-1])
         torch.cuda.empty_cache()
 
-    add("fastsft", lambda *a: linear_cross_entropy(*a)[0], chunk_MiB=lce_mod.CHUNK_BYTES // 2**20,
-        min_rows=lce_mod.MIN_CHUNK_ROWS, dw_fp32=lce_mod.DW_ACCUM_FP32)
-    if v <= 65536:  # at V=151936 it runs ~0.6 s per step: not a contender, and slow to time
-        add("torch.compile reference (fp32 matmul)", lambda *a: compiled_ref(*a)[0])
+    floor = (n * h + v * h) * hidden.element_size() / 2**20
+    rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 1)))
+    add("fastsft", lambda *a: linear_cross_entropy(*a)[0], tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20,
+        min_cols=lce_mod.MIN_VOCAB_CHUNK, max_row_chunk=lce_mod.MAX_ROW_CHUNK)
+    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
+    lce_mod.GRAD_IN_BACKWARD = True
+    add("fastsft, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
+    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
+    lce_mod.GRAD_IN_BACKWARD = False
+    add("previous layout (row chunks, fp32 dW acc)", PreviousLayout.apply)
     add("torch.compile bf16 matmul + fp32 CE", compiled_bf16)
     for name, fn in impls.items():
         add(name, fn)
     for name, err in errors.items():
         rows.append(dict(kind="time", case=case, impl=name, error=err))
     if sweep:
-        default = (lce_mod.CHUNK_BYTES, lce_mod.MIN_CHUNK_ROWS, lce_mod.DW_ACCUM_FP32)
-        for chunk_mib, min_rows, dw_fp32 in sweep:
-            lce_mod.CHUNK_BYTES, lce_mod.MIN_CHUNK_ROWS, lce_mod.DW_ACCUM_FP32 = chunk_mib * 2**20, min_rows, dw_fp32
-            add("fastsft sweep", lambda *a: linear_cross_entropy(*a)[0], chunk_MiB=chunk_mib, min_rows=min_rows,
-                dw_fp32=dw_fp32)
-        lce_mod.CHUNK_BYTES, lce_mod.MIN_CHUNK_ROWS, lce_mod.DW_ACCUM_FP32 = default
+        default = [getattr(lce_mod, k) for k in KNOBS]
+        for tile_mib, min_cols, max_rows in sweep:
+            for k, val in zip(KNOBS, (tile_mib * 2**20, min_cols, max_rows)):
+                setattr(lce_mod, k, val)
+            add("fastsft sweep", lambda *a: linear_cross_entropy(*a)[0], tile_MiB=tile_mib, min_cols=min_cols,
+                max_row_chunk=max_rows, vocab_chunk=lce_mod.vocab_per_chunk(int((targets >= 0).sum()), v,
+                                                                            hidden.dtype))
+        for k, val in zip(KNOBS, default):
+            setattr(lce_mod, k, val)
     del hidden, weight, targets
     torch.cuda.empty_cache()
 
 
 def lce_breakdown(rows, shape):
-    """Per-part times of one default-size row chunk of linear_cross_entropy, and of one host sync."""
+    """Per-part times of linear_cross_entropy's two passes at the default chunk sizes, and of the whole-call parts."""
     from fastsft.kernels._ce_rows import ce_rows
 
     n, h, v, ignored = shape
     hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
     hidden, weight = hidden.detach(), weight.detach()
-    rows_c = lce_mod.rows_per_chunk(n, v, hidden.dtype)
-    m = int((targets >= 0).sum())
-    n_chunks = -(-m // rows_c)
     valid = targets >= 0
+    m = int(valid.sum())
     idx = torch.nonzero_static(valid, size=m).squeeze(1)
-    h_c, t_c = hidden[:rows_c], targets.clamp(min=0)[:rows_c]
+    hg, tg = hidden.index_select(0, idx), targets.index_select(0, idx)
+    rows_c = lce_mod.rows_per_chunk(m, v, h)
+    cols = lce_mod.vocab_per_chunk(m, v, hidden.dtype)
     logits = torch.empty(rows_c, v, dtype=hidden.dtype, device="cuda")
-    lse = torch.empty(rows_c, device="cuda")
-    loss = torch.empty(rows_c, device="cuda")
+    tile = torch.empty(m, cols, dtype=hidden.dtype, device="cuda")
+    lse = torch.empty(m, device="cuda")
+    loss = torch.empty(m, device="cuda")
     one = torch.ones((), device="cuda")
     dh_c = torch.empty(rows_c, h, dtype=hidden.dtype, device="cuda")
-    acc32 = torch.zeros(v, h, device="cuda")
-    acc16 = torch.zeros(v, h, dtype=hidden.dtype, device="cuda")
-    torch.mm(h_c, weight.t(), out=logits)
+    dw_c = torch.empty(cols, h, dtype=hidden.dtype, device="cuda")
+    torch.mm(hg[:rows_c], weight.t(), out=logits)
+    ce_rows(logits, tg[:rows_c], lse[:rows_c], loss[:rows_c])
+    lse.copy_(lse[:rows_c].repeat(-(-m // rows_c))[:m])  # plausible lse values for the tile's rows
+    torch.mm(hg, weight[:cols].t(), out=tile)
+    a_chunks, b_chunks = -(-m // rows_c), -(-v // cols)
     parts = {
-        "mm logits": lambda: torch.mm(h_c, weight.t(), out=logits),
-        "row kernel (lse+loss+dlogits)": lambda: ce_rows(logits, t_c, lse, loss, grad_out=logits, grad_scale=one),
-        "mm dh": lambda: torch.mm(logits, weight, out=dh_c),
-        "addmm dW fp32 acc": lambda: lce_mod._accumulate_dw(acc32, logits, h_c, first=False),
-        "addmm dW bf16 acc": lambda: lce_mod._accumulate_dw(acc16, logits, h_c, first=False),
-        "mm dW (first chunk, bf16 out)": lambda: torch.mm(logits.t(), h_c, out=acc16),
+        f"A: mm logits ({rows_c} x {v} x {h})": (lambda: torch.mm(hg[:rows_c], weight.t(), out=logits), a_chunks,
+                                                  rows_c * v * h),
+        "A: row kernel (lse+loss+dlogits)": (lambda: ce_rows(logits, tg[:rows_c], lse[:rows_c], loss[:rows_c],
+                                                             grad_out=logits, grad_scale=one), a_chunks, 0),
+        "A: mm dh": (lambda: torch.mm(logits, weight, out=dh_c), a_chunks, rows_c * v * h),
+        f"B: mm logits tile ({m} x {cols} x {h})": (lambda: torch.mm(hg, weight[:cols].t(), out=tile), b_chunks,
+                                                     m * cols * h),
+        "B: row kernel (dlogits from lse)": (lambda: ce_rows(tile, tg, lse, None, grad_out=tile, grad_scale=one,
+                                                             compute_lse=False), b_chunks, 0),
+        "B: mm dW slice": (lambda: torch.mm(tile.t(), hg, out=dw_c), b_chunks, m * cols * h),
     }
-    flops = 2 * rows_c * v * h
-    for name, fn in parts.items():
+    import fastsft.kernels._ce_rows as ce_rows_mod
+
+    default_warps = ce_rows_mod.NARROW_ROW_NUM_WARPS
+    for warps in (2, 4, 8):
+        parts[f"B: row kernel, {warps} warps"] = (
+            lambda w=warps: (setattr(ce_rows_mod, "NARROW_ROW_NUM_WARPS", w),
+                             ce_rows(tile, tg, lse, None, grad_out=tile, grad_scale=one, compute_lse=False)),
+            b_chunks, 0)
+    for name, (fn, count, macs) in parts.items():
         ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-        extra = dict(TFLOPs=round(flops / ms / 1e9, 0)) if "mm" in name else {}
-        rows.append(dict(kind="breakdown", case=f"{rows_c} rows x V={v} x H={h}, {n_chunks} chunks", impl=name,
-                         ms=round(ms, 3), ms_all_chunks=round(ms * n_chunks, 3), **extra))
+        extra = dict(TFLOPs=round(2 * macs / ms / 1e9, 0)) if macs else {}
+        rows.append(dict(kind="breakdown", case=f"x{count} chunks", impl=name, ms=round(ms, 4),
+                         ms_all_chunks=round(ms * count, 3), **extra))
         log(rows[-1])
+    ce_rows_mod.NARROW_ROW_NUM_WARPS = default_warps
+    dh_full = torch.randn_like(hidden)
     whole = {
         "gather rows (nonzero_static + index_select)": lambda: hidden.index_select(
             0, torch.nonzero_static(valid, size=m).squeeze(1)),
-        "scatter dh (zeros + index_copy_)": lambda: torch.zeros_like(hidden).index_copy_(0, idx, hidden[:m]),
+        "in-place scatter of dh (blockwise)": lambda: lce_mod._scatter_rows_in_place(dh_full, idx, valid),
         "host sync (stack of 2 sums + tolist)": lambda: torch.stack([valid.sum(), valid.sum()]).tolist(),
         "backward scale dh, dW (mul_)": lambda: (hidden.mul_(one), weight.mul_(one)),
     }
@@ -286,7 +387,7 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
     assert torch.cuda.is_available(), "bench/gpu_loss.py needs a CUDA device"
     rows = [dict(kind="env", case=torch.cuda.get_device_name(),
                  impl=f"torch {torch.__version__} triton {triton.__version__}")]
-    log(rows[0])
+    log(f"device: {rows[0]['case']} | {rows[0]['impl']}")
     impls, errors = outside_impls()
     t0 = time.time()
     if "lce_check" in parts:

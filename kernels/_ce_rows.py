@@ -17,6 +17,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # GPU launch shape: one program streams one row in blocks of ROW_BLOCK_V. Module-level so the bench can sweep it.
 ROW_BLOCK_V = 2048  # H100 sweep (bench/RESULTS.md): 2048/8 warps best, all of 1024..8192 within 12%
 ROW_NUM_WARPS = 8
+# Warps for rows narrower than ROW_BLOCK_V (linear_cross_entropy's vocabulary tiles: one program per row of a few
+# hundred columns, where 8 warps mostly idle). H100, 16384 rows x 512 columns: 2 warps 16.2 us, 4: 17.7, 8: 27.9.
+NARROW_ROW_NUM_WARPS = 2
 # Under the interpreter every block iteration costs milliseconds; tests shrink this to cover the multi-block loop.
 INTERPRETED_BLOCK_V = 256
 
@@ -38,6 +41,7 @@ def _ce_rows_kernel(
     loss_ptr,  # (rows,) fp32: lse - target logit, 0 for ignored rows (written when COMPUTE_LSE)
     scale_ptr,  # () fp32: upstream gradient of the loss sum, read on the device (no host sync)
     V,
+    col_offset,  # vocabulary index of column 0 of this block (a vocabulary slice of the logits); 0 when COMPUTE_LSE
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_LSE: tl.constexpr,
@@ -91,18 +95,20 @@ def _ce_rows_kernel(
             if HAS_SOFTCAP:
                 t = _tanh(x / softcap)
                 x = softcap * t
-            g = tl.exp(x - lse) - tl.where(cols == tgt, 1.0, 0.0)
+            g = tl.exp(x - lse) - tl.where(cols + col_offset == tgt, 1.0, 0.0)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)  # d/dx c*tanh(x/c)
             g = tl.where(valid, g * scale, 0.0)
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inb)
 
 
-def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_scale=None, compute_lse=True):
+def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_scale=None, compute_lse=True,
+            col_offset=0):
     """Launch the row kernel over `logits` (rows, V), rows contiguous along V.
 
     compute_lse: write `lse` and `loss` (rows,) fp32; else read `lse`. grad_out: when given, write
-    (softmax - onehot) * softcap' * grad_scale into it (it may be `logits` itself).
+    (softmax - onehot) * softcap' * grad_scale into it (it may be `logits` itself). col_offset: `logits` holds the
+    vocabulary columns [col_offset, col_offset + V) of the full logits (gradient only: lse comes from a full pass).
     """
     rows, vocab = logits.shape
     if rows == 0:
@@ -110,15 +116,18 @@ def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_sca
     write_grad = grad_out is not None
     if write_grad and grad_scale is None:
         raise ValueError("ce_rows: grad_out given without grad_scale")
+    if compute_lse and col_offset:
+        raise ValueError("ce_rows: the log-sum-exp needs every vocabulary column, got a slice at col_offset "
+                         f"{col_offset}")
     block_v = min(triton.next_power_of_2(vocab), INTERPRETED_BLOCK_V if INTERPRETED else ROW_BLOCK_V)
     dummy = lse  # stands in for pointers the constexpr flags never touch
     _ce_rows_kernel[(rows,)](
         logits, logits.stride(0),
         grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
         targets, lse, loss if loss is not None else dummy, grad_scale if write_grad else dummy,
-        vocab, float(softcap) if softcap is not None else 1.0,
+        vocab, int(col_offset), float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v,
-        num_warps=ROW_NUM_WARPS,
+        num_warps=ROW_NUM_WARPS if block_v >= ROW_BLOCK_V else NARROW_ROW_NUM_WARPS,
     )
 
 

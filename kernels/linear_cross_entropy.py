@@ -2,25 +2,36 @@
 
 Only supervised rows (target != -1) reach a matmul: they are gathered first, and their hidden gradient is scattered
 back at the end (ignored rows get zeros). In SFT a third to a half of the rows are unsupervised, so this is the
-largest saving of the op. The supervised rows are then processed in row chunks:
+largest saving of the op. The gradients are made in the forward pass (backward only scales them by the upstream
+gradient of the loss sum), in two passes over the M supervised rows, 4 matmuls in all:
 
-    logits_c = h_c @ W^T                      (cuBLAS, fp32 accumulation, stored in the input dtype)
-    row kernel: lse, loss, and dlogits_c = (softmax - onehot) * softcap'   written over logits_c in place
-    dh_c  = dlogits_c @ W                     (complete: the whole vocabulary is in one chunk)
-    dW   += dlogits_c^T @ h_c                 (accumulated over row chunks in fp32)
+    pass A, per row chunk (all V columns):
+        logits_c = h_c @ W^T                 (cuBLAS, fp32 accumulation, stored in the input dtype)
+        row kernel: lse, loss, dlogits_c = (softmax - onehot) * softcap'   written over logits_c in place
+        dh_c = dlogits_c @ W                 (complete: one matmul over the whole vocabulary)
+    pass B, per vocabulary chunk (all M rows), with the lse of pass A:
+        logits_v = h @ W_v^T;  row kernel: dlogits_v in place;  dW_v = dlogits_v^T @ h   (complete over all rows)
 
-i.e. the gradient is computed in the forward pass when one is needed (3 matmuls instead of the 4 of a recompute in
-backward); backward only scales the stored gradients by the upstream gradient of the loss sum. Gradients are exact
-(no filtering of small probabilities); the only rounding is that of the logits/dlogits chunk to the input dtype.
+Every gradient element is thus ONE cuBLAS matmul with fp32 accumulation over its whole reduction (V for dh, M for
+dW), written once in the output dtype: exact up to the rounding of the logits/dlogits to the input dtype, and no
+(V, H) or (M, H) fp32 accumulator exists. Memory is the point of the layout: the gradient outputs double as
+workspace while they are not yet written. Pass A's logits chunk (H rows x V) lives in the dW output, which pass B
+fills only later; the gathered rows live in the spare rows of the dh output (pass A writes dh of the supervised rows
+densely at its top, a blockwise in-place scatter moves them home at the end). What remains is pass B's logits tile
+(VOCAB_CHUNK_BYTES), a small scatter block and O(M) vectors; plus the gathered rows when fewer than half the
+targets are ignored (they no longer fit the spare rows). Forward-only calls use one weight-sized logits buffer.
+H100, N=32768, H=1024, V=65536, half ignored (bench/RESULTS.md, "Loss kernels (GPU)"): 21.4 ms, 0.55x Apple CCE's
+time (13.9 ms for the previous row-chunk layout with its fp32 (V, H) dW accumulator). Memory above the inputs:
+the two gradients (192 MiB) + 16.4 MiB, measured with GRAD_IN_BACKWARD (same workspace); CCE: + 0.4 MiB.
+
+"fp32 accumulation" holds as far as cuBLAS gives it: torch lets cuBLAS reduce split-K partial sums of bf16 matmuls
+in reduced precision unless torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is False (a global
+left to the caller). Measured gradient errors against the fp32 reference stay at the bf16 output rounding (~1e-3).
 
 Returns the SUM of token losses (fp32) and the supervised count (int64), so the caller divides by a global count.
 
-Workspace beyond the two gradients: the logits chunk (CHUNK_BYTES), the fp32 dW accumulator when there is more
-than one chunk, and the gathered rows with their dh. Measured (bench/RESULTS.md, H100, N=32768, H=1024, V=65536,
-half the targets ignored): 12.9 ms forward+backward, 0.75 GiB above the inputs (torch.compile 22.4 ms / 4.2 GiB).
-
 Host sync: one per call (0.05 ms on an H100). The gather of supervised rows needs their count on the host to size
-the chunk loop; the same sync also checks that targets lie in [-1, V). It sits inside the custom op, so
+the chunk loops; the same sync also checks that targets lie in [-1, V). It sits inside the custom op, so
 torch.compile sees static shapes.
 """
 
@@ -31,16 +42,22 @@ import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
 
-# Bytes of the logits chunk buffer (rows_per_chunk x V in the input dtype), and a floor on its rows. Every row chunk
-# costs one read + write of the (V, H) dW accumulator on top of its matmuls; that traffic relative to the chunk's
-# matmul time falls as 1 / rows (about 300 / rows on an H100 with an fp32 accumulator), so chunks stay at least
-# MIN_CHUNK_ROWS tall even when that exceeds CHUNK_BYTES (large vocabularies). Module-level so tests can force
-# many chunks and the bench can sweep them.
-CHUNK_BYTES = 256 * 2**20
-MIN_CHUNK_ROWS = 2048
-# Accumulate dW over row chunks in fp32 (exact up to the input rounding); False accumulates in the weight dtype
-# (one rounding per chunk, less memory and traffic). Only matters with more than one row chunk of a bf16 weight.
-DW_ACCUM_FP32 = True
+# Pass B's logits tile (M rows x a vocabulary chunk, input dtype): the one sizeable buffer beyond the outputs. Each
+# chunk costs 3 launches and re-reads the gathered rows twice, so narrow tiles cost time. H100 sweep at M=16384,
+# H=1024, V=65536 (bench/RESULTS.md): 128 columns 53 ms, 256: 32 ms, 384: 44 ms, 512: 21 ms, 1024: 19 ms, 2048:
+# 18.5 ms. Hence 16 MiB but at least MIN_VOCAB_CHUNK columns, in multiples of 256 (384 was slow).
+VOCAB_CHUNK_BYTES = 16 * 2**20
+MIN_VOCAB_CHUNK = 512
+# Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
+# borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
+# loop; module-level like the others so the bench can sweep them.
+MAX_ROW_CHUNK = None
+# False: gradients made in the forward pass (4 matmuls; backward scales them). True: forward computes the loss only
+# (one weight-sized logits buffer) and backward recomputes everything (5 matmuls, +4 ms at the shape above) with the
+# same workspace as the default; it allows a second backward through one forward (retain_graph).
+GRAD_IN_BACKWARD = False
+# Rows moved per step of the in-place scatter of dh (bytes of its staging copy).
+SCATTER_BYTES = 2 * 2**20
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, softcap=None):
@@ -73,50 +90,44 @@ def _check_inputs(hidden, weight, targets, softcap):
     check_softcap(softcap, where)
 
 
-def rows_per_chunk(n_rows, vocab, dtype):
-    """Rows of logits per chunk: CHUNK_BYTES worth but at least MIN_CHUNK_ROWS, a multiple of 128 when that large."""
-    rows = max(1, MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
-    if rows >= 128:
-        rows -= rows % 128
-    return min(rows, max(n_rows, 1))
+def _round_down_128(n):
+    return n - n % 128 if n >= 128 else n
 
 
-_MIXED_ADDMM_OK = {}  # device type -> whether addmm(fp32 acc, bf16, bf16, out_dtype=fp32, out=acc) works
+def rows_per_chunk(n_rows, vocab, hidden_size):
+    """Pass A's rows per chunk: as many as a (vocab, hidden_size) buffer holds (hidden_size rows), a multiple of 128
+    when that large, capped by MAX_ROW_CHUNK and n_rows."""
+    rows = _round_down_128(max(1, hidden_size))
+    if MAX_ROW_CHUNK is not None:
+        rows = min(rows, MAX_ROW_CHUNK)
+    return max(1, min(rows, n_rows))
 
 
-def _mixed_addmm_ok(device):
-    if device.type not in _MIXED_ADDMM_OK:
-        try:
-            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-            acc = torch.ones(2, 2, device=device)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _MIXED_ADDMM_OK[device.type] = bool((acc == 3).all())
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED_ADDMM_OK[device.type] = False
-    return _MIXED_ADDMM_OK[device.type]
+def vocab_per_chunk(n_rows, vocab, dtype):
+    """Pass B's vocabulary columns per chunk: VOCAB_CHUNK_BYTES of (n_rows, cols) logits, >= MIN_VOCAB_CHUNK, a
+    multiple of 256 when that large."""
+    cols = max(VOCAB_CHUNK_BYTES // max(1, n_rows * torch.empty((), dtype=dtype).element_size()), MIN_VOCAB_CHUNK)
+    if cols >= 256:
+        cols -= cols % 256
+    return max(1, min(vocab, cols))
 
 
-def _accumulate_dw(acc, dlogits, h, first):
-    """acc (V, H) += dlogits^T @ h (acc := on the first chunk, so acc may start uninitialized).
+def _scatter_rows_in_place(dh, rows, valid):
+    """dh[:M] holds the gradients of rows `rows` (sorted, so rows[k] >= k): move them home in place, zero the rest.
 
-    An fp32 acc of a bf16/fp16 product is summed in fp32: one matmul with an fp32 C operand on CUDA.
+    Blocks go from the last to the first: a block's destinations are >= its first source index, so they never
+    overwrite a source still waiting to move; the block's own sources are staged in a small copy first.
     """
-    beta = 0 if first else 1  # beta=0: BLAS ignores C, NaNs included
-    if acc.dtype == dlogits.dtype:
-        acc.addmm_(dlogits.t(), h, beta=beta)
-    elif _mixed_addmm_ok(acc.device):
-        torch.addmm(acc, dlogits.t(), h, beta=beta, out_dtype=torch.float32, out=acc)
-    elif acc.is_cuda:  # older torch: the partial product lands in fp32 first (one more (V, H) fp32 buffer)
-        if first:
-            torch.mm(dlogits.t(), h, out_dtype=torch.float32, out=acc)
-        else:
-            acc.add_(torch.mm(dlogits.t(), h, out_dtype=torch.float32))
-    else:  # the CPU has no mixed-dtype matmul
-        acc.addmm_(dlogits.t().float(), h.float(), beta=beta)
+    n_sup = rows.shape[0]
+    block = max(1, SCATTER_BYTES // max(1, dh.shape[1] * dh.element_size()))
+    for end in range(n_sup, 0, -block):
+        start = max(0, end - block)
+        dh.index_copy_(0, rows[start:end], dh[start:end].clone())
+    dh.masked_fill_(~valid.unsqueeze(1), 0)
 
 
 def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw):
-    n_rows, _ = hidden.shape
+    n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     valid = targets >= 0
@@ -127,53 +138,61 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw):
                          f"-1 = ignore)")
     n_supervised = counts[0].clone()
 
-    if n_sup == n_rows:  # nothing ignored: no gather, no scatter
-        rows = None
-        h, t = hidden, targets
-    else:
-        rows = torch.nonzero_static(valid, size=n_sup).squeeze(1)  # (M,)
-        h = hidden.index_select(0, rows)  # (M, H)
-        t = targets.index_select(0, rows)  # (M,)
-
-    need_grad = need_dh or need_dw
-    chunk = rows_per_chunk(n_sup, vocab, hidden.dtype)
-    n_chunks = -(-n_sup // chunk)
-    buf = torch.empty(chunk if n_sup else 0, vocab, dtype=hidden.dtype, device=device)  # (C, V)
+    # Outputs first: they are the workspace (module docstring). Gradients of nothing supervised are zeros.
+    alloc = torch.empty if n_sup else torch.zeros
+    dh = alloc(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None  # (N, H)
+    dw = alloc(weight.shape, dtype=weight.dtype, device=device) if need_dw else None  # (V, H)
     lse = torch.empty(n_sup, dtype=torch.float32, device=device)
     loss = torch.empty(n_sup, dtype=torch.float32, device=device)
-    one = torch.ones((), dtype=torch.float32, device=device)
-    dh_sup = torch.empty_like(h) if need_dh else None  # (M, H)
-    if need_dw:
-        # One chunk, fp32 weights or DW_ACCUM_FP32 off: accumulate straight into dW (fp32 inside each matmul).
-        direct = n_chunks <= 1 or hidden.dtype == torch.float32 or not DW_ACCUM_FP32
-        alloc = torch.empty if n_sup else torch.zeros  # the first chunk overwrites; no chunk: dW = 0
-        dw = alloc(weight.shape, dtype=weight.dtype, device=device)  # (V, H)
-        acc = dw if direct else alloc(weight.shape, dtype=torch.float32, device=device)
 
-    for start in range(0, n_sup, chunk):
-        end = min(n_sup, start + chunk)
-        h_c = h[start:end]  # (c, H)
-        logits = buf[: end - start]  # (c, V)
-        torch.mm(h_c, weight.t(), out=logits)
-        ce_rows(logits, t[start:end], lse[start:end], loss[start:end], softcap=softcap,
-                grad_out=logits if need_grad else None, grad_scale=one)
-        if need_dh:
-            torch.mm(logits, weight, out=dh_sup[start:end])
-        if need_dw:
-            _accumulate_dw(acc, logits, h_c, first=start == 0)
-
-    if need_dh:
-        if rows is None:
-            dh = dh_sup
+    gathered = 0 < n_sup < n_rows
+    if not gathered:
+        rows, h, t = None, hidden, targets
+    else:
+        rows = torch.nonzero_static(valid, size=n_sup).squeeze(1)  # (M,) sorted
+        t = targets.index_select(0, rows)  # (M,)
+        if need_dh and 2 * n_sup <= n_rows:  # the spare rows of dh hold the gathered rows until pass B ends
+            h = torch.index_select(hidden, 0, rows, out=dh[n_sup:2 * n_sup])  # (M, H)
         else:
-            dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format)  # (N, H); ignored rows stay 0
-            dh.index_copy_(0, rows, dh_sup)
-    else:
+            h = hidden.index_select(0, rows)  # (M, H)
+    dh_sup = dh[:n_sup] if need_dh else None  # (M, H): dense at the top of dh, scattered at the end
+
+    if n_sup:
+        one = torch.ones((), dtype=torch.float32, device=device)
+        # Pass A: lse, loss and dh, per row chunk over the whole vocabulary.
+        chunk = rows_per_chunk(n_sup, vocab, hidden_size)
+        if need_dw:
+            buf = dw.view(-1)[: chunk * vocab].view(chunk, vocab)  # (C, V) borrowed: pass B overwrites it
+        else:
+            buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=device)
+        for start in range(0, n_sup, chunk):
+            end = min(n_sup, start + chunk)
+            logits = buf[: end - start]  # (c, V)
+            torch.mm(h[start:end], weight.t(), out=logits)
+            ce_rows(logits, t[start:end], lse[start:end], loss[start:end], softcap=softcap,
+                    grad_out=logits if need_dh else None, grad_scale=one)
+            if need_dh:
+                torch.mm(logits, weight, out=dh_sup[start:end])
+        del buf, logits
+        # Pass B: dW per vocabulary chunk over all supervised rows, with pass A's lse.
+        if need_dw:
+            cols = vocab_per_chunk(n_sup, vocab, hidden.dtype)
+            tile_buf = torch.empty(n_sup * cols, dtype=hidden.dtype, device=device)
+            for v0 in range(0, vocab, cols):
+                v1 = min(vocab, v0 + cols)
+                tile = tile_buf[: n_sup * (v1 - v0)].view(n_sup, v1 - v0)  # (M, Vc)
+                torch.mm(h, weight[v0:v1].t(), out=tile)
+                ce_rows(tile, t, lse, None, softcap=softcap, grad_out=tile, grad_scale=one, compute_lse=False,
+                        col_offset=v0)
+                torch.mm(tile.t(), h, out=dw[v0:v1])
+            del tile_buf, tile
+        del h
+        if need_dh and gathered:
+            _scatter_rows_in_place(dh, rows, valid)
+
+    if dh is None:
         dh = hidden.new_empty(0)  # outputs of a custom op must not alias each other
-    if need_dw:
-        if acc is not dw:
-            dw.copy_(acc)
-    else:
+    if dw is None:
         dw = hidden.new_empty(0)
     return loss.sum(), n_supervised, dh, dw
 
@@ -194,27 +213,64 @@ def _(hidden, weight, targets, softcap, need_dh, need_dw):
 def _setup_context(ctx, inputs, output):
     _, _, _, _, need_dh, need_dw = inputs
     _, n, dh, dw = output
-    ctx.save_for_backward(dh, dw)
+    # Kept as plain attributes, not save_for_backward, and handed over in backward: the gradients returned must have
+    # no other owner, or autograd's AccumulateGrad clones them into .grad instead of taking them.
+    ctx.grads = (dh, dw)
     ctx.need = (need_dh, need_dw)
     ctx.mark_non_differentiable(n, dh, dw)
+    # Otherwise autograd hands backward zero-filled "gradients" of the dh and dW outputs: another (N, H) + (V, H)
+    # at the peak (run 1 of 2026-11-25 measured exactly twice the gradients because of it).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_n, _grad_dh, _grad_dw):
     # Scaling in place: the stored gradients are private to this node, and a second (N, H) + (V, H) buffer at
     # the peak of backward is what this op exists to avoid. Hence backward may run once per forward.
-    if getattr(ctx, "backward_done", False):
+    if ctx.grads is None:
         raise RuntimeError("linear_cross_entropy: backward ran twice through one forward (retain_graph=True); its "
                            "stored gradients are scaled in place, so call the op again for a second backward")
-    ctx.backward_done = True
-    dh, dw = ctx.saved_tensors
+    dh, dw = ctx.grads
+    ctx.grads = None
     need_dh, need_dw = ctx.need
-    grad_loss = grad_loss.float()
-    grad_hidden = dh.mul_(grad_loss) if need_dh else None
-    grad_weight = dw.mul_(grad_loss) if need_dw else None
+    grad_loss = torch.zeros((), device=dh.device) if grad_loss is None else grad_loss.float()  # not materialized
+    # detach(): a fresh tensor object over the same storage, owned by nobody but autograd (see _setup_context).
+    grad_hidden = dh.mul_(grad_loss).detach() if need_dh else None
+    grad_weight = dw.mul_(grad_loss).detach() if need_dw else None
+    del dh, dw
     return grad_hidden, grad_weight, None, None, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastsft::linear_cross_entropy_recompute", mutates_args=())
+def _loss_recompute(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, n, _, _ = _forward_impl(hidden, weight, targets, softcap, False, False)
+    return loss, n
+
+
+@_loss_recompute.register_fake
+def _(hidden, weight, targets, softcap):
+    return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64)
+
+
+def _setup_context_recompute(ctx, inputs, output):
+    hidden, weight, targets, softcap = inputs
+    ctx.save_for_backward(hidden, weight, targets)
+    ctx.softcap = softcap
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_recompute(ctx, grad_loss, _grad_n):
+    hidden, weight, targets = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    _, _, dh, dw = _forward(hidden, weight, targets, ctx.softcap, need_dh, need_dw)
+    grad_loss = grad_loss.float()
+    return dh.mul_(grad_loss) if need_dh else None, dw.mul_(grad_loss) if need_dw else None, None, None
+
+
+_loss_recompute.register_autograd(_backward_recompute, setup_context=_setup_context_recompute)
 
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None):
@@ -226,6 +282,8 @@ def linear_cross_entropy(hidden, weight, targets, softcap=None):
     _check_inputs(hidden, weight, targets, softcap)
     softcap = None if softcap is None else float(softcap)
     grad_on = torch.is_grad_enabled()
-    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, grad_on and hidden.requires_grad,
-                                 grad_on and weight.requires_grad)
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    if GRAD_IN_BACKWARD and (need_dh or need_dw):
+        return _loss_recompute(hidden, weight, targets, softcap)
+    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, need_dh, need_dw)
     return loss, n

@@ -1,12 +1,18 @@
-"""fastsft.kernels.linear_cross_entropy (chunked matmuls + Triton row kernel, interpreted on the CPU) against its
-fp32 PyTorch reference: values, both gradients, ignored rows, chunking, torch.compile, bad input."""
+"""fastsft.kernels.linear_cross_entropy (two chunked passes of matmuls + Triton row kernel, interpreted on the CPU)
+against its fp32 PyTorch reference: values, both gradients, ignored rows in both layouts of the gathered rows, row
+and vocabulary chunking, the in-place scatter of dh, torch.compile, bad input."""
+
+import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsft.kernels._ce_rows as ce_rows_mod
-import fastsft.kernels.linear_cross_entropy as lce_mod
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+# By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
+lce_mod = importlib.import_module("fastsft.kernels.linear_cross_entropy")
 
 TOL = {torch.float32: dict(loss=1e-5, grad=1e-5), torch.bfloat16: dict(loss=2e-3, grad=2e-2)}
 N, H, V = 37, 50, 203
@@ -18,10 +24,15 @@ def small_vocab_blocks(monkeypatch):
     monkeypatch.setattr(ce_rows_mod, "INTERPRETED_BLOCK_V", 64)
 
 
-def chunk_rows(monkeypatch, rows, dtype):
-    monkeypatch.setattr(lce_mod, "CHUNK_BYTES", rows * V * torch.empty((), dtype=dtype).element_size())
-    monkeypatch.setattr(lce_mod, "MIN_CHUNK_ROWS", 1)
-    assert lce_mod.rows_per_chunk(N, V, dtype) == rows
+def chunking(monkeypatch, rows, cols):
+    """Pass A in chunks of `rows` rows, pass B in chunks of `cols` vocabulary columns (None: one chunk each)."""
+    monkeypatch.setattr(lce_mod, "MAX_ROW_CHUNK", rows)
+    if cols is None:
+        monkeypatch.setattr(lce_mod, "VOCAB_CHUNK_BYTES", 2**40)
+    else:
+        monkeypatch.setattr(lce_mod, "VOCAB_CHUNK_BYTES", 0)
+        monkeypatch.setattr(lce_mod, "MIN_VOCAB_CHUNK", cols)
+        assert lce_mod.vocab_per_chunk(N, V, torch.float32) == cols
 
 
 def case_seed(dtype, softcap, ignored_fraction):
@@ -37,9 +48,8 @@ def make_case(dtype, ignored_fraction, seed, n=N):
     hidden = torch.randn(n, H, generator=gen).to(dtype)
     weight = (torch.randn(V, H, generator=gen) * 0.5).to(dtype)  # logits of a few units: softcap 15 bites
     targets = torch.randint(0, V, (n,), generator=gen)
-    targets[torch.rand(n, generator=gen) < ignored_fraction] = -1
-    if ignored_fraction == 1.0:
-        targets[:] = -1
+    # Exactly this fraction ignored, so the case decides which layout the gathered rows take (see test below).
+    targets[torch.randperm(n, generator=gen)[: round(ignored_fraction * n)]] = -1
     return hidden, weight, targets
 
 
@@ -68,17 +78,34 @@ def assert_close(got, want, dtype, ignored_fraction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [None, 15.0])
-@pytest.mark.parametrize("ignored_fraction", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("rows_per_chunk", [N, 8])
-def test_matches_reference(monkeypatch, dtype, softcap, ignored_fraction, rows_per_chunk):
-    chunk_rows(monkeypatch, rows_per_chunk, dtype)  # 8: the supervised rows span several row chunks
+# 0.25: gathered rows in their own buffer; 0.75: gathered rows parked in the spare rows of the dh output.
+@pytest.mark.parametrize("ignored_fraction", [0.0, 0.25, 0.75, 1.0])
+# (8, 64): several row chunks, four vocabulary chunks, the last one partial.
+@pytest.mark.parametrize("rows,cols,softcap", [(None, None, None), (8, 64, None), (8, 64, 15.0)])
+def test_matches_reference(monkeypatch, dtype, softcap, ignored_fraction, rows, cols):
+    chunking(monkeypatch, rows, cols)
     case = make_case(dtype, ignored_fraction, seed=case_seed(dtype, softcap, ignored_fraction))
+    n_sup = int((case[2] != -1).sum())
+    assert (2 * n_sup <= N) == (ignored_fraction >= 0.5)
     got = run(linear_cross_entropy, *case, softcap, upstream=0.37)
     want = run(linear_cross_entropy_reference, *case, softcap, upstream=0.37)
-    assert int(got[1]) == int((case[2] != -1).sum())
+    assert int(got[1]) == n_sup
     assert (got[2][case[2] == -1] == 0).all()  # ignored rows get exactly zero hidden gradient
     assert_close(got, want, dtype, ignored_fraction)
+
+
+@pytest.mark.parametrize("n_rows,n_sup,block_rows", [(41, 17, 3), (41, 20, 1), (40, 40, 7), (33, 1, 4)])
+def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, block_rows):
+    # Sorted destinations with runs of rows[k] == k and large jumps: every overlap case of the blockwise move.
+    gen = torch.Generator().manual_seed(n_rows * 100 + n_sup)
+    rows = torch.randperm(n_rows, generator=gen)[:n_sup].sort().values
+    valid = torch.zeros(n_rows, dtype=torch.bool)
+    valid[rows] = True
+    dh = torch.randn(n_rows, 6, generator=gen) + 3.0  # never zero: a missed zero-fill or move shows
+    want = torch.zeros_like(dh).index_copy_(0, rows, dh[:n_sup])
+    monkeypatch.setattr(lce_mod, "SCATTER_BYTES", block_rows * 6 * 4)
+    lce_mod._scatter_rows_in_place(dh, rows, valid)
+    assert torch.equal(dh, want)
 
 
 def test_ignored_rows_never_reach_a_matmul():
@@ -90,17 +117,12 @@ def test_ignored_rows_never_reach_a_matmul():
     assert_close(got, want, torch.float32, 0.5)
 
 
-def test_dw_accumulated_in_weight_dtype_is_still_close(monkeypatch):
-    chunk_rows(monkeypatch, 8, torch.bfloat16)
-    monkeypatch.setattr(lce_mod, "DW_ACCUM_FP32", False)
-    case = make_case(torch.bfloat16, 0.5, seed=12)
-    assert_close(run(linear_cross_entropy, *case, None), run(linear_cross_entropy_reference, *case, None),
-                 torch.bfloat16, 0.5)
-
-
 @pytest.mark.parametrize("grad_hidden,grad_weight", [(True, False), (False, True), (False, False)])
-def test_partial_and_no_grad(grad_hidden, grad_weight):
-    case = make_case(torch.float32, 0.5, seed=13)
+@pytest.mark.parametrize("ignored_fraction", [0.75])
+def test_partial_and_no_grad(monkeypatch, grad_hidden, grad_weight, ignored_fraction):
+    # Without dW, pass A cannot borrow the dW output; without dh, the gathered rows cannot park in it.
+    chunking(monkeypatch, 8, 64)
+    case = make_case(torch.float32, ignored_fraction, seed=13)
     loss, n, gh, gw = run(linear_cross_entropy, *case, 15.0, grad_hidden=grad_hidden, grad_weight=grad_weight)
     ref_loss, _, ref_gh, ref_gw = run(linear_cross_entropy_reference, *case, 15.0, grad_hidden=True, grad_weight=True)
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
@@ -115,8 +137,9 @@ def test_partial_and_no_grad(grad_hidden, grad_weight):
 
 
 def test_outputs_fully_written(monkeypatch):
-    # Deterministic mode fills torch.empty with NaN: a chunk, row or gradient element left unwritten shows up.
-    chunk_rows(monkeypatch, 8, torch.bfloat16)
+    # Deterministic mode fills torch.empty with NaN: a chunk, row or gradient element left unwritten shows up,
+    # e.g. a part of the dW output that pass A borrowed and pass B did not overwrite.
+    chunking(monkeypatch, 8, 64)
     case = make_case(torch.bfloat16, 0.5, seed=14)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -126,13 +149,13 @@ def test_outputs_fully_written(monkeypatch):
     assert torch.isfinite(loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
 
 
-@pytest.mark.parametrize("backend,dtype,softcap", [
-    ("aot_eager", torch.float32, 15.0),
-    ("aot_eager", torch.bfloat16, None),
-    ("inductor", torch.float32, 15.0),
+@pytest.mark.parametrize("backend,dtype,softcap,grad_in_backward", [
+    ("aot_eager", torch.float32, 15.0, True),
+    ("inductor", torch.bfloat16, 15.0, False),
 ])
-def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype, softcap):
-    chunk_rows(monkeypatch, 8, dtype)
+def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype, softcap, grad_in_backward):
+    chunking(monkeypatch, 8, 64)
+    monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", grad_in_backward)
     hidden, weight, targets = make_case(dtype, 0.5, seed=15)
 
     def mean_loss(h, w):
@@ -149,6 +172,65 @@ def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype,
         assert torch.equal(got, want)  # same kernels, same order: bit-identical
     ref, ref_n = linear_cross_entropy_reference(hidden, weight, targets, softcap)
     assert abs(float(outs[0][0]) - float(ref / ref_n)) <= TOL[dtype]["loss"] * abs(float(ref / ref_n))
+
+
+@pytest.mark.parametrize("ignored_fraction", [0.25, 0.75])
+def test_gradients_made_in_backward_match_reference(monkeypatch, ignored_fraction):
+    chunking(monkeypatch, 8, 64)
+    monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", True)
+    case = make_case(torch.bfloat16, ignored_fraction, seed=19)
+    got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
+    assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), torch.bfloat16,
+                 ignored_fraction)
+    # Nothing is scaled in place in this mode, so a second backward through one forward is allowed and equal.
+    h, w = case[0].clone().requires_grad_(), case[1].clone().requires_grad_()
+    loss, _ = linear_cross_entropy(h, w, case[2], 15.0)
+    loss.backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    loss.backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
+
+
+def test_gradients_handed_to_autograd_without_a_copy(monkeypatch):
+    # autograd takes a gradient into .grad only when nothing else owns it; otherwise it copies it (twice the memory).
+    made = {}
+
+    def recording(*args):
+        out = forward_impl(*args)
+        made.update(dh=out[2].data_ptr(), dw=out[3].data_ptr())
+        return out
+
+    forward_impl = lce_mod._forward_impl
+    monkeypatch.setattr(lce_mod, "_forward_impl", recording)
+    _, _, gh, gw = run(linear_cross_entropy, *make_case(torch.float32, 0.75, seed=20), None)
+    assert gh.data_ptr() == made["dh"] and gw.data_ptr() == made["dw"]
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.made.append((str(func), tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("grad_in_backward", [False, True])
+def test_backward_allocates_no_gradient_sized_buffer_besides_the_gradients(monkeypatch, grad_in_backward):
+    # E.g. autograd materializing zero "gradients" for the dh/dW outputs of the forward: a second copy at the peak.
+    monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", grad_in_backward)
+    hidden, weight, targets = make_case(torch.float32, 0.0, seed=21)  # nothing ignored: no gathered rows
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = linear_cross_entropy(h, w, targets)
+    with _OpLog() as log:
+        loss.backward()
+    fresh = [op for op, shape in log.made if shape in (tuple(h.shape), tuple(w.shape))
+             and not op.startswith(("aten.mul_", "aten.detach", "aten.mm", "aten.masked_fill_"))]
+    assert fresh == [], log.made  # (the op of GRAD_IN_BACKWARD returns a tuple: its gradients are not listed)
 
 
 def test_second_backward_through_one_forward_raises():
@@ -184,3 +266,6 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden[None], weight, targets)
     with pytest.raises(ValueError, match="softcap"):
         linear_cross_entropy(hidden, weight, targets, softcap=0.0)
+    logits = hidden @ weight.t()
+    with pytest.raises(ValueError, match="col_offset"):
+        ce_rows_mod.ce_rows(logits, targets, torch.empty(5), torch.empty(5), col_offset=64)
