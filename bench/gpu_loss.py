@@ -7,8 +7,9 @@ reported as a row and the run goes on. Timings are forward+backward medians of t
 the peak of torch.cuda.max_memory_allocated above what was allocated before the call (gradients included, inputs
 excluded), in MiB: the two bf16 gradients alone are the floor (e.g. 192 MiB at N=32768, H=1024, V=65536).
 
-`previous layout` re-runs, inside this file, the row-chunk layout that kernels/linear_cross_entropy.py used before
-2026-11-25 (fp32 (V, H) dW accumulator over row chunks), so old and new are compared in one run.
+Both layouts of linear_cross_entropy run side by side: `layout="low_memory"` (two passes, gradients as their own
+workspace; the default) and `layout="fast"` (one pass over row chunks with an fp32 (V, H) dW accumulator), each
+checked against the fp32 reference and timed, with its own sweep of chunk sizes.
 
     python bench/gpu_loss.py            # everything
     python bench/gpu_loss.py --quick    # skip the tuning sweeps
@@ -38,53 +39,19 @@ LCE_SHAPES = [  # (N, H, V, fraction of targets ignored)
 ]
 
 
+LAYOUTS = ("low_memory", "fast")
+FAST_SWEEPS = [  # layout="fast": (FAST_CHUNK_BYTES MiB, FAST_MIN_ROWS) tried besides the default, per LCE shape
+    [(128, 1024), (512, 4096)],
+    [(256, 1024), (256, 4096)],
+    [],
+]
+FAST_KNOBS = ("FAST_CHUNK_BYTES", "FAST_MIN_ROWS")
 SWEEPS = [  # (VOCAB_CHUNK_BYTES MiB, MIN_VOCAB_CHUNK, MAX_ROW_CHUNK) tried besides the default, per LCE shape
     [(8, 256, None), (8, 128, None), (32, 512, None), (64, 512, None)],
     [(8, 256, None), (32, 512, None), (64, 512, None)],
     [(8, 256, None)],
 ]
 KNOBS = ("VOCAB_CHUNK_BYTES", "MIN_VOCAB_CHUNK", "MAX_ROW_CHUNK")
-
-
-def previous_layout_forward(hidden, weight, targets):
-    """The pre-2026-11-25 layout (3 matmuls per row chunk, fp32 dW accumulator), kept here as a same-run baseline."""
-    from fastsft.kernels._ce_rows import ce_rows
-
-    valid = targets >= 0
-    n_sup = int(valid.sum())
-    rows = torch.nonzero_static(valid, size=n_sup).squeeze(1)
-    h, t = hidden.index_select(0, rows), targets.index_select(0, rows)
-    vocab = weight.shape[0]
-    chunk = min(n_sup, max(2048, 256 * 2**20 // (vocab * 2)))
-    buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
-    lse = torch.empty(n_sup, device=hidden.device)
-    loss = torch.empty(n_sup, device=hidden.device)
-    one = torch.ones((), device=hidden.device)
-    dh_sup = torch.empty_like(h)
-    acc = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, n_sup, chunk):
-        end = min(n_sup, start + chunk)
-        logits = buf[: end - start]
-        torch.mm(h[start:end], weight.t(), out=logits)
-        ce_rows(logits, t[start:end], lse[start:end], loss[start:end], grad_out=logits, grad_scale=one)
-        torch.mm(logits, weight, out=dh_sup[start:end])
-        torch.addmm(acc, logits.t(), h[start:end], beta=0 if start == 0 else 1, out_dtype=torch.float32, out=acc)
-    del buf, logits, h
-    dh = torch.zeros_like(hidden).index_copy_(0, rows, dh_sup)
-    return loss.sum(), dh, acc.to(weight.dtype)
-
-
-class PreviousLayout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        loss, dh, dw = previous_layout_forward(hidden, weight, targets)
-        ctx.save_for_backward(dh, dw)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        dh, dw = ctx.saved_tensors
-        return dh.mul_(grad), dw.mul_(grad), None
 
 
 def log(*args):
@@ -155,9 +122,9 @@ def lce_correctness(rows, shape):
     cases = [(ignored, None), (ignored, 15.0)]
     if ignored:  # both layouts of the gathered rows: own buffer (< half ignored) and parked in dh (>= half)
         cases += [(0.25, None), (0.75, None)]
-    for ignored, softcap in cases:
+    for (ignored, softcap), layout in [(c, lay) for c in cases for lay in LAYOUTS]:
         hidden, weight, targets = make_lce_inputs(n, h, v, ignored, seed=1)
-        loss, cnt = linear_cross_entropy(hidden, weight, targets, softcap)
+        loss, cnt = linear_cross_entropy(hidden, weight, targets, softcap, layout=layout)
         loss.backward()
         gh, gw = hidden.grad, weight.grad
         hidden.grad = weight.grad = None
@@ -165,7 +132,7 @@ def lce_correctness(rows, shape):
         ref.backward()
         rows.append(dict(kind="correctness", case=f"lce N={n} H={h} V={v} ign={ignored} softcap={softcap}",
                          parked_in_dh=2 * int(cnt) <= n,
-                         impl="fastsft", loss_rel=abs(loss.item() - ref.item()) / abs(ref.item()),
+                         impl=f"fastsft {layout}", loss_rel=abs(loss.item() - ref.item()) / abs(ref.item()),
                          n_ok=int(cnt) == int(ref_n), dh_rel=rel(gh, hidden.grad), dw_rel=rel(gw, weight.grad)))
         log(rows[-1])
         hidden.grad = weight.grad = None
@@ -173,7 +140,7 @@ def lce_correctness(rows, shape):
         torch.cuda.empty_cache()
 
 
-def grads_taken(hidden, weight, targets):
+def grads_taken(hidden, weight, targets, layout="low_memory"):
     """Whether .grad ends up being the very buffers the op made (autograd took them) rather than copies."""
     made, impl = {}, lce_mod._forward_impl
 
@@ -186,16 +153,16 @@ def grads_taken(hidden, weight, targets):
     lce_mod._forward_impl = recording
     try:
         hidden.grad = weight.grad = None
-        linear_cross_entropy(hidden, weight, targets)[0].backward()
+        linear_cross_entropy(hidden, weight, targets, layout=layout)[0].backward()
         taken = hidden.grad.data_ptr() == made.get("dh") and weight.grad.data_ptr() == made.get("dw")
-        log(f"grads taken without a copy (GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}")
+        log(f"grads taken without a copy ({layout}, GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}")
         return taken
     finally:
         lce_mod._forward_impl = impl
         hidden.grad = weight.grad = None
 
 
-def lce_timings(rows, shape, impls, errors, sweep):
+def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     n, h, v, ignored = shape
     case = f"lce N={n} H={h} V={v} ign={ignored}"
     hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
@@ -217,14 +184,17 @@ def lce_timings(rows, shape, impls, errors, sweep):
 
     floor = (n * h + v * h) * hidden.element_size() / 2**20
     rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 1)))
-    add("fastsft", lambda *a: linear_cross_entropy(*a)[0], tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20,
-        min_cols=lce_mod.MIN_VOCAB_CHUNK, max_row_chunk=lce_mod.MAX_ROW_CHUNK)
+    add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
+        tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK,
+        max_row_chunk=lce_mod.MAX_ROW_CHUNK)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
+    add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
+        chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
+    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets, layout="fast")
     lce_mod.GRAD_IN_BACKWARD = True
-    add("fastsft, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
+    add("fastsft low_memory, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
     lce_mod.GRAD_IN_BACKWARD = False
-    add("previous layout (row chunks, fp32 dW acc)", PreviousLayout.apply)
     add("torch.compile bf16 matmul + fp32 CE", compiled_bf16)
     for name, fn in impls.items():
         add(name, fn)
@@ -239,6 +209,15 @@ def lce_timings(rows, shape, impls, errors, sweep):
                 max_row_chunk=max_rows, vocab_chunk=lce_mod.vocab_per_chunk(int((targets >= 0).sum()), v,
                                                                             hidden.dtype))
         for k, val in zip(KNOBS, default):
+            setattr(lce_mod, k, val)
+    if fast_sweep:
+        default = [getattr(lce_mod, k) for k in FAST_KNOBS]
+        for chunk_mib, min_rows in fast_sweep:
+            lce_mod.FAST_CHUNK_BYTES, lce_mod.FAST_MIN_ROWS = chunk_mib * 2**20, min_rows
+            add("fastsft fast sweep", lambda *a: linear_cross_entropy(*a, layout="fast")[0], chunk_MiB=chunk_mib,
+                min_rows=min_rows, row_chunk=lce_mod.fast_rows_per_chunk(int((targets >= 0).sum()), v,
+                                                                          hidden.dtype))
+        for k, val in zip(FAST_KNOBS, default):
             setattr(lce_mod, k, val)
     del hidden, weight, targets
     torch.cuda.empty_cache()
@@ -394,8 +373,9 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
         for shape in LCE_SHAPES:
             lce_correctness(rows, shape)
     if "lce_time" in parts:
-        for shape, sweep in zip(LCE_SHAPES, SWEEPS):
-            lce_timings(rows, shape, impls, errors, sweep=None if quick else sweep)
+        for shape, sweep, fast_sweep in zip(LCE_SHAPES, SWEEPS, FAST_SWEEPS):
+            lce_timings(rows, shape, impls, errors, sweep=None if quick else sweep,
+                        fast_sweep=None if quick else fast_sweep)
     if "breakdown" in parts:
         lce_breakdown(rows, LCE_SHAPES[0])
     if "ce" in parts:

@@ -53,7 +53,8 @@ def pack_lengths(lengths: list[int], rows: int, seq_len: int) -> list[list[int]]
 
 def packed_batch(rng, rows, seq_len, mean, vocab, device, supervised_frac=0.66):
     """A packer-shaped batch: each row's conversations back to back, its free tail one padding segment,
-    cu_seqlens padded to the packer's fixed length rows * (seq_len // 64 + 1) + 1."""
+    cu_seqlens padded to the packer's fixed length (fastsft.packing.default_max_seqs + 1, restated here so this
+    script runs without the C++ extension; first-fit instead of the packer's best-fit changes no timing)."""
     placed = pack_lengths(chat_lengths(rng, mean, rows * seq_len // int(mean) * 2, seq_len), rows, seq_len)
     bounds, positions, conv_lengths = [0], [], []
     supervised = np.zeros((rows, seq_len), dtype=bool)
@@ -68,7 +69,7 @@ def packed_batch(rng, rows, seq_len, mean, vocab, device, supervised_frac=0.66):
         if off < seq_len:
             positions += list(range(seq_len - off))
             bounds.append((r + 1) * seq_len)
-    fixed = rows * (seq_len // 64 + 1) + 1
+    fixed = rows * (seq_len // 32 + 2) + 1
     bounds += [bounds[-1]] * (fixed - len(bounds))
     input_ids = torch.from_numpy(rng.integers(0, vocab, (rows, seq_len)))
     targets = torch.roll(input_ids, -1, dims=1)

@@ -264,9 +264,14 @@ def segment_starts(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    """nanochat's GPT over packed rows. `loss_layout` picks the fused loss kernel's layout, a run-time choice and
+    not part of the architecture: "low_memory" (default, gradient-sized memory) or "fast" (fewer matmuls, a few
+    hundred MiB more; see fastsft.kernels.linear_cross_entropy)."""
+
+    def __init__(self, config: GPTConfig, loss_layout: str = "low_memory"):
         super().__init__()
         self.config = config
+        self.loss_layout = loss_layout
         V, C, L = config.padded_vocab_size, config.n_embd, config.n_layer
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(V, C),
@@ -472,22 +477,21 @@ class GPT(nn.Module):
     def supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
         """(loss_sum, n_supervised) over rows with targets != -1. hidden (N, C), targets (N,).
 
-        Runs outside torch.compile: the number of supervised rows changes every batch, and the loss kernel has
-        its own autograd. Only those rows meet lm_head, which never produces the (N, vocab) logits.
+        The fused kernel gathers the supervised rows itself (so only they meet lm_head, and the (N, vocab) logits
+        never exist) and can park them in its own gradient buffer; gathering here too would cost a second host
+        sync and a copy. Runs outside torch.compile's graph: the supervised count changes every batch.
         """
-        rows = (targets != -1).nonzero().squeeze(1)  # (S,)
-        h = hidden.index_select(0, rows)  # (S, C)
-        t = targets.index_select(0, rows)
+        from fastsft.kernels import linear_cross_entropy  # lazy: Triton loads only when a loss is computed
+
         weight = self.lm_head.weight[: self.config.vocab_size]  # drop the padded rows
+        h = hidden
         device_type = h.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             h, weight = h.to(dtype), weight.to(dtype)
         elif h.dtype != weight.dtype:
             h = h.to(weight.dtype)
-        from fastsft.kernels import linear_cross_entropy  # lazy: Triton loads only when a loss is computed
-
-        return linear_cross_entropy(h, weight, t, softcap=self.config.softcap)
+        return linear_cross_entropy(h, weight, targets, softcap=self.config.softcap, layout=self.loss_layout)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 

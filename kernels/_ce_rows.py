@@ -77,7 +77,8 @@ def _ce_rows_kernel(
         m_row_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
         s_row = tl.sum(s * tl.exp(m - m_row_ref), axis=0)
         lse = tl.where(valid, m_row_ref + tl.log(tl.where(valid, s_row, 1.0)), 0.0)
-        x_t = tl.load(x_row + tl.maximum(tgt, 0)).to(tl.float32)  # column 0 exists: V > 0
+        # Masked: an ignored row's target logit is not read either (column 0 as a safe address, never loaded).
+        x_t = tl.load(x_row + tl.maximum(tgt, 0), mask=valid, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             x_t = softcap * _tanh(x_t / softcap)
         tl.store(lse_ptr + row, lse)

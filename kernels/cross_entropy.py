@@ -19,6 +19,9 @@ Measured (bench/RESULTS.md, H100): 32768 x 65536 bf16 forward+backward 4.9 ms vs
 F.cross_entropy; after an lm_head, inplace_backward saves the 4 GiB gradient buffer.
 
 Host syncs: one per forward, to reject targets outside [-1, V) with a clear error (reading out of bounds otherwise).
+
+Where Triton cannot run (a CPU tensor without TRITON_INTERPRET=1), the op computes the same quantities with the
+PyTorch reference math; `inplace_backward` then has no effect (autograd's own gradient buffer is used).
 """
 
 from typing import Optional
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
+from ._multi_tensor import runs_triton
 
 
 def cross_entropy_reference(logits, targets, softcap=None):
@@ -155,6 +159,12 @@ def cross_entropy(logits, targets, softcap=None, *, inplace_backward=False):
         raise ValueError("cross_entropy: inplace_backward needs logits contiguous along the vocabulary (stride 1), "
                          f"got strides {logits.stride()}")
     softcap = None if softcap is None else float(softcap)
+    if not runs_triton(logits.device):
+        vocab = logits.shape[1]
+        n_bad = int(((targets < -1) | (targets >= vocab)).sum())
+        if n_bad:
+            raise ValueError(f"cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, -1 = ignore)")
+        return cross_entropy_reference(logits, targets, softcap)
     op = _forward_for_inplace if inplace_backward else _forward
     loss, n, _lse = op(logits, targets, softcap)
     return loss, n

@@ -1,8 +1,13 @@
-"""fastsft.kernels.linear_cross_entropy (two chunked passes of matmuls + Triton row kernel, interpreted on the CPU)
-against its fp32 PyTorch reference: values, both gradients, ignored rows in both layouts of the gathered rows, row
-and vocabulary chunking, the in-place scatter of dh, torch.compile, bad input."""
+"""fastsft.kernels.linear_cross_entropy (chunked matmuls + Triton row kernel, interpreted on the CPU) in both layouts
+("low_memory": two passes; "fast": one pass with an fp32 dW accumulator) against its fp32 PyTorch reference: values,
+both gradients, ignored rows in both placements of the gathered rows, row and vocabulary chunking, the in-place
+scatter of dh, torch.compile, the reference fallback where Triton cannot run, bad input."""
 
 import importlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -53,10 +58,10 @@ def make_case(dtype, ignored_fraction, seed, n=N):
     return hidden, weight, targets
 
 
-def run(fn, hidden, weight, targets, softcap, upstream=1.0, grad_hidden=True, grad_weight=True):
+def run(fn, hidden, weight, targets, softcap, upstream=1.0, grad_hidden=True, grad_weight=True, **kw):
     h = hidden.detach().clone().requires_grad_(grad_hidden)
     w = weight.detach().clone().requires_grad_(grad_weight)
-    loss, n = fn(h, w, targets, softcap)
+    loss, n = fn(h, w, targets, softcap, **kw)
     if grad_hidden or grad_weight:
         (loss * upstream).backward()
     return loss.detach(), n, h.grad, w.grad
@@ -77,17 +82,22 @@ def assert_close(got, want, dtype, ignored_fraction):
     assert rel_err(gw, ref_gw) <= TOL[dtype]["grad"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (8, 64): several row chunks, four vocabulary chunks (low_memory's pass B), the last one partial. The "fast" layout
+# has no vocabulary chunks, so it takes fewer cases (its row-chunk loop is the one it shares with pass A).
+MATCH_CASES = [("low_memory", None, None, None, torch.float32), ("low_memory", 8, 64, None, torch.float32),
+               ("low_memory", 8, 64, 15.0, torch.float32), ("low_memory", 8, 64, 15.0, torch.bfloat16),
+               ("fast", 8, None, 15.0, torch.float32), ("fast", 8, None, 15.0, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("layout,rows,cols,softcap,dtype", MATCH_CASES)
 # 0.25: gathered rows in their own buffer; 0.75: gathered rows parked in the spare rows of the dh output.
 @pytest.mark.parametrize("ignored_fraction", [0.0, 0.25, 0.75, 1.0])
-# (8, 64): several row chunks, four vocabulary chunks, the last one partial.
-@pytest.mark.parametrize("rows,cols,softcap", [(None, None, None), (8, 64, None), (8, 64, 15.0)])
-def test_matches_reference(monkeypatch, dtype, softcap, ignored_fraction, rows, cols):
+def test_matches_reference(monkeypatch, layout, dtype, softcap, ignored_fraction, rows, cols):
     chunking(monkeypatch, rows, cols)
     case = make_case(dtype, ignored_fraction, seed=case_seed(dtype, softcap, ignored_fraction))
     n_sup = int((case[2] != -1).sum())
     assert (2 * n_sup <= N) == (ignored_fraction >= 0.5)
-    got = run(linear_cross_entropy, *case, softcap, upstream=0.37)
+    got = run(linear_cross_entropy, *case, softcap, upstream=0.37, layout=layout)
     want = run(linear_cross_entropy_reference, *case, softcap, upstream=0.37)
     assert int(got[1]) == n_sup
     assert (got[2][case[2] == -1] == 0).all()  # ignored rows get exactly zero hidden gradient
@@ -108,22 +118,27 @@ def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, block_r
     assert torch.equal(dh, want)
 
 
-def test_ignored_rows_never_reach_a_matmul():
+@pytest.mark.parametrize("layout", ["low_memory", "fast"])
+def test_ignored_rows_never_reach_a_matmul(layout):
     hidden, weight, targets = make_case(torch.float32, 0.5, seed=11)
     poisoned = hidden.clone()
     poisoned[targets == -1] = float("nan")  # would poison every logit column sum if an ignored row were multiplied
-    got = run(linear_cross_entropy, poisoned, weight, targets, 15.0)
+    got = run(linear_cross_entropy, poisoned, weight, targets, 15.0, layout=layout)
     want = run(linear_cross_entropy_reference, hidden, weight, targets, 15.0)
     assert_close(got, want, torch.float32, 0.5)
 
 
-@pytest.mark.parametrize("grad_hidden,grad_weight", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("layout,grad_hidden,grad_weight", [
+    ("low_memory", True, False), ("low_memory", False, True), ("low_memory", False, False),
+    ("fast", True, False), ("fast", False, True)])
 @pytest.mark.parametrize("ignored_fraction", [0.75])
-def test_partial_and_no_grad(monkeypatch, grad_hidden, grad_weight, ignored_fraction):
-    # Without dW, pass A cannot borrow the dW output; without dh, the gathered rows cannot park in it.
+def test_partial_and_no_grad(monkeypatch, layout, grad_hidden, grad_weight, ignored_fraction):
+    # Without dW, pass A cannot borrow the dW output (and "fast" has no accumulator); without dh, the gathered rows
+    # cannot park in it.
     chunking(monkeypatch, 8, 64)
     case = make_case(torch.float32, ignored_fraction, seed=13)
-    loss, n, gh, gw = run(linear_cross_entropy, *case, 15.0, grad_hidden=grad_hidden, grad_weight=grad_weight)
+    loss, n, gh, gw = run(linear_cross_entropy, *case, 15.0, grad_hidden=grad_hidden, grad_weight=grad_weight,
+                          layout=layout)
     ref_loss, _, ref_gh, ref_gw = run(linear_cross_entropy_reference, *case, 15.0, grad_hidden=True, grad_weight=True)
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     assert (gh is None) == (not grad_hidden) and (gw is None) == (not grad_weight)
@@ -132,34 +147,35 @@ def test_partial_and_no_grad(monkeypatch, grad_hidden, grad_weight, ignored_frac
     if grad_weight:
         assert rel_err(gw, ref_gw) <= 1e-5
     with torch.no_grad():
-        nograd_loss, nograd_n = linear_cross_entropy(case[0], case[1].requires_grad_(), case[2], 15.0)
+        nograd_loss, nograd_n = linear_cross_entropy(case[0], case[1].requires_grad_(), case[2], 15.0, layout=layout)
     assert float(nograd_loss) == pytest.approx(float(ref_loss), rel=1e-5) and int(nograd_n) == int(n)
 
 
-def test_outputs_fully_written(monkeypatch):
+@pytest.mark.parametrize("layout", ["low_memory", "fast"])
+def test_outputs_fully_written(monkeypatch, layout):
     # Deterministic mode fills torch.empty with NaN: a chunk, row or gradient element left unwritten shows up,
     # e.g. a part of the dW output that pass A borrowed and pass B did not overwrite.
     chunking(monkeypatch, 8, 64)
     case = make_case(torch.bfloat16, 0.5, seed=14)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        loss, n, gh, gw = run(linear_cross_entropy, *case, 15.0)
+        loss, n, gh, gw = run(linear_cross_entropy, *case, 15.0, layout=layout)
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.isfinite(loss) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
 
 
-@pytest.mark.parametrize("backend,dtype,softcap,grad_in_backward", [
-    ("aot_eager", torch.float32, 15.0, True),
-    ("inductor", torch.bfloat16, 15.0, False),
+@pytest.mark.parametrize("backend,dtype,softcap,grad_in_backward,layout", [
+    ("aot_eager", torch.float32, 15.0, True, "low_memory"),
+    ("inductor", torch.bfloat16, 15.0, False, "fast"),
 ])
-def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype, softcap, grad_in_backward):
+def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype, softcap, grad_in_backward, layout):
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", grad_in_backward)
     hidden, weight, targets = make_case(dtype, 0.5, seed=15)
 
     def mean_loss(h, w):
-        loss, n = linear_cross_entropy(h, w, targets, softcap)
+        loss, n = linear_cross_entropy(h, w, targets, softcap, layout=layout)
         return loss / n.clamp(min=1)
 
     outs = []
@@ -174,17 +190,17 @@ def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype,
     assert abs(float(outs[0][0]) - float(ref / ref_n)) <= TOL[dtype]["loss"] * abs(float(ref / ref_n))
 
 
-@pytest.mark.parametrize("ignored_fraction", [0.25, 0.75])
-def test_gradients_made_in_backward_match_reference(monkeypatch, ignored_fraction):
+@pytest.mark.parametrize("ignored_fraction,layout", [(0.25, "low_memory"), (0.75, "fast")])
+def test_gradients_made_in_backward_match_reference(monkeypatch, ignored_fraction, layout):
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", True)
     case = make_case(torch.bfloat16, ignored_fraction, seed=19)
-    got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
+    got = run(linear_cross_entropy, *case, 15.0, upstream=0.37, layout=layout)
     assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), torch.bfloat16,
                  ignored_fraction)
     # Nothing is scaled in place in this mode, so a second backward through one forward is allowed and equal.
     h, w = case[0].clone().requires_grad_(), case[1].clone().requires_grad_()
-    loss, _ = linear_cross_entropy(h, w, case[2], 15.0)
+    loss, _ = linear_cross_entropy(h, w, case[2], 15.0, layout=layout)
     loss.backward(retain_graph=True)
     first = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
@@ -192,7 +208,8 @@ def test_gradients_made_in_backward_match_reference(monkeypatch, ignored_fractio
     assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
 
 
-def test_gradients_handed_to_autograd_without_a_copy(monkeypatch):
+@pytest.mark.parametrize("layout", ["low_memory", "fast"])
+def test_gradients_handed_to_autograd_without_a_copy(monkeypatch, layout):
     # autograd takes a gradient into .grad only when nothing else owns it; otherwise it copies it (twice the memory).
     made = {}
 
@@ -203,7 +220,7 @@ def test_gradients_handed_to_autograd_without_a_copy(monkeypatch):
 
     forward_impl = lce_mod._forward_impl
     monkeypatch.setattr(lce_mod, "_forward_impl", recording)
-    _, _, gh, gw = run(linear_cross_entropy, *make_case(torch.float32, 0.75, seed=20), None)
+    _, _, gh, gw = run(linear_cross_entropy, *make_case(torch.bfloat16, 0.75, seed=20), None, layout=layout)
     assert gh.data_ptr() == made["dh"] and gw.data_ptr() == made["dw"]
 
 
@@ -266,6 +283,66 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden[None], weight, targets)
     with pytest.raises(ValueError, match="softcap"):
         linear_cross_entropy(hidden, weight, targets, softcap=0.0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        linear_cross_entropy(hidden, weight, targets, layout="fastest")
     logits = hidden @ weight.t()
     with pytest.raises(ValueError, match="col_offset"):
         ce_rows_mod.ce_rows(logits, targets, torch.empty(5), torch.empty(5), col_offset=64)
+
+
+@pytest.mark.parametrize("max_rows", [64, 16])
+def test_fast_layout_dw_made_late_or_borrowed_as_chunk_buffer(monkeypatch, max_rows):
+    # bf16 "fast": a chunk of more than H rows cannot live in the dW output, so dW is made from the accumulator
+    # after the chunk buffer is gone (64 > H); a smaller chunk lives in dW until the accumulator is copied in (16).
+    monkeypatch.setattr(lce_mod, "MAX_ROW_CHUNK", max_rows)
+    case = make_case(torch.bfloat16, 0.25, seed=23, n=120)  # 90 supervised rows: two chunks of 64, six of 16
+    assert (lce_mod.fast_rows_per_chunk(90, V, torch.bfloat16) > H) == (max_rows > H)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # NaN-filled torch.empty: unwritten elements show
+    try:
+        got = run(linear_cross_entropy, *case, 15.0, upstream=0.37, layout="fast")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), torch.bfloat16, 0.25)
+
+
+def test_fast_rows_per_chunk_has_a_row_floor(monkeypatch):
+    # The floor keeps the fp32 accumulator's read+write per chunk rare at large vocabularies (module constants).
+    monkeypatch.setattr(lce_mod, "MAX_ROW_CHUNK", None)
+    assert lce_mod.fast_rows_per_chunk(10**6, 151936, torch.bfloat16) == lce_mod.FAST_MIN_ROWS
+    assert lce_mod.fast_rows_per_chunk(10**6, 1000, torch.bfloat16) == lce_mod.FAST_CHUNK_BYTES // 2000
+    assert lce_mod.fast_rows_per_chunk(37, 1000, torch.bfloat16) == 37
+
+
+CPU_FALLBACK_SCRIPT = textwrap.dedent("""
+    import torch
+    from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(13, 9, generator=gen), torch.randn(29, 9, generator=gen)
+    targets = torch.randint(0, 29, (13,), generator=gen)
+    targets[::3] = -1
+    for layout in ("low_memory", "fast"):
+        outs = []
+        for fn, kw in ((linear_cross_entropy, dict(layout=layout)), (linear_cross_entropy_reference, {})):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss, n = fn(h, w, targets, 7.0, **kw)
+            (loss * 0.37).backward()
+            outs.append((loss.detach(), n, h.grad, w.grad))
+        for got, want in zip(*outs):
+            assert torch.equal(got, want), (layout, got, want)
+    try:
+        linear_cross_entropy(hidden, weight, torch.full((13,), 29))
+    except ValueError as e:
+        assert "outside [-1, 29)" in str(e), e
+    else:
+        raise AssertionError("out-of-range targets were accepted")
+    print("ok")
+""")
+
+
+def test_cpu_without_interpreter_falls_back_to_the_reference():
+    # Without TRITON_INTERPRET=1 a CPU tensor cannot reach a Triton kernel ("0 active drivers"): the op must use the
+    # reference math instead. A fresh interpreter, since the test session itself runs with the interpreter on.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", CPU_FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -218,8 +218,9 @@ def test_packer_batch_loss_equals_sum_over_conversations():
     assert abs(loss_sum.item() - ref_sum) < 1e-3
 
 
-def test_training_loss_never_builds_full_logits(monkeypatch):
-    """The packed loss hands only the supervised rows (and the unpadded lm_head) to the loss kernel."""
+def test_training_loss_goes_through_the_fused_kernel(monkeypatch):
+    """The packed loss hands the hidden rows, their targets and the unpadded lm_head to the fused kernel, which
+    alone decides which rows meet lm_head (its own tests show ignored rows never reach a matmul)."""
     config = tiny_config()
     model = random_model(config, seed=7)
     seen = {}
@@ -228,17 +229,23 @@ def test_training_loss_never_builds_full_logits(monkeypatch):
 
     real = fastsft.kernels.linear_cross_entropy
 
-    def spy(hidden, weight, targets, softcap=None):
-        seen.update(rows=hidden.shape[0], weight=tuple(weight.shape), softcap=softcap, all=bool((targets >= 0).all()))
-        return real(hidden, weight, targets, softcap)
+    def spy(hidden, weight, targets, softcap=None, layout="low_memory"):
+        seen.update(rows=hidden.shape[0], weight=tuple(weight.shape), softcap=softcap,
+                    supervised=int((targets >= 0).sum()), layout=layout)
+        return real(hidden, weight, targets, softcap, layout=layout)
 
     monkeypatch.setattr(fastsft.kernels, "linear_cross_entropy", spy)
     conversations = random_conversations([10, 14], config.vocab_size, seed=8)
     input_ids, position_ids, cu, _ = pack(conversations, row_len=24)
     targets = torch.full_like(input_ids, -1)
     targets[0, 2:7] = 5
-    model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu)
-    assert seen == dict(rows=5, weight=(97, 64), softcap=15.0, all=True)
+    loss_sum, n = model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu)
+    assert seen == dict(rows=input_ids.numel(), weight=(97, 64), softcap=15.0, supervised=5, layout="low_memory")
+    assert int(n) == 5 and torch.isfinite(loss_sum)
+    model.loss_layout = "fast"
+    fast_sum, _ = model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu)
+    assert seen["layout"] == "fast"
+    torch.testing.assert_close(fast_sum, loss_sum, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
