@@ -186,7 +186,7 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 1)))
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
         tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK,
-        max_row_chunk=lce_mod.MAX_ROW_CHUNK)
+        max_row_chunk=lce_mod.MAX_ROW_CHUNK, tail_cols=lce_mod.TAIL_COLS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)

@@ -16,23 +16,23 @@ layout="low_memory" (default): two passes over the M supervised rows, 4 matmuls.
 Every gradient element is ONE matmul with fp32 accumulation over its whole reduction, written once in the output
 dtype: no (V, H) or (M, H) fp32 accumulator. The gradient outputs double as workspace while not yet written: pass
 A's logits chunk (H rows x V) lives in the dW output, the gathered rows in the spare rows of the dh output (dh of the
-supervised rows is written densely at its top and scattered home in place at the end). What remains is pass B's
-logits tile (VOCAB_CHUNK_BYTES), a scatter block and O(M) vectors; plus the gathered rows when fewer than half the
-targets are ignored. H100 80GB, torch 2.11 + CUDA 13, triton 3.6 (bench/RESULTS.md, "Loss kernels (GPU)"), N=32768,
-H=1024, V=65536, half ignored: 21.4 ms, 0.55x Apple CCE's time (39.1 ms); memory above the inputs 192 MiB of
-gradients + 16.4 MiB (measured in GRAD_IN_BACKWARD mode, same workspace; CCE: 192.4 MiB). Pick it when memory is
-tight (large vocabularies, long rows): it stays within ~1.1x of CCE's memory, the floor being the gradients.
+supervised rows is written densely at its top and scattered home in place at the end), and so does pass B's logits
+tile: chunk [v0, v1) keeps it in the last elements of dW, beyond row v1, i.e. in rows no chunk has written yet and
+disjoint from the slice it writes; near the end of V the chunks shrink to fit (vocab_chunks), and the last
+~(M + H) / H * TAIL_COLS columns use a separate (M, TAIL_COLS) tile. What remains is that small tile, the scatter's
+staging block (SCATTER_BYTES) and O(M) vectors; plus the gathered rows when fewer than half the targets are ignored.
+H100 80GB, torch 2.11 + CUDA 13, triton 3.6, 2026-11-25: N=32768, H=1024, V=65536, half ignored: 22.8 ms, 0.58x
+Apple CCE's time (39.0 ms), 194.4 MiB above the inputs (gradients 192, CCE 192.4); N=16384, H=2048, V=151936,
+nothing ignored: 76.0 ms (CCE 170.9) and 659.1 MiB (floor 657.5, CCE 659.2). Pick it when memory is
+tight (large vocabularies, long rows): it stays within ~1% of CCE's memory, the floor being the gradients.
 
 layout="fast": one pass over row chunks of >= FAST_MIN_ROWS rows, 3 matmuls: logits_c = h_c @ W^T; row kernel
 (lse, loss, dlogits in place); dh_c = dlogits_c @ W; dW_acc += dlogits_c^T @ h_c into an fp32 (V, H) accumulator
 (cuBLAS with fp32 output), cast to the weight dtype at the end. Workspace: the logits chunk (FAST_CHUNK_BYTES, at
 least FAST_MIN_ROWS rows; it lives in the dW output when that holds it, i.e. chunk <= H rows), the fp32
 accumulator (for bf16 weights; an fp32 weight accumulates in its dW output) and the gathered rows when they do not
-fit dh's spare rows. Same machine and shape, measured with the bench's earlier copy of this layout (same chunk
-sizes, same peak predicted for the op: dh 64 + chunk 256 + accumulator 256 MiB, dW made after the chunk is freed;
-not yet re-measured): 13.9 ms (0.36x CCE) at 576 MiB above the inputs (3.0x CCE); at N=16384, H=2048, V=151936,
-nothing ignored: 53.1 ms / 1911 MiB, the op predicted lower as its 2048-row chunk now lives in dW (low_memory:
-79.6 ms / ~675 MiB). Pick it when step time
+fit dh's spare rows. Same machine, run and shapes as above: 13.6 ms (0.35x CCE) at 576 MiB above the inputs (3.0x
+CCE); at N=16384, H=2048, V=151936, nothing ignored: 52.3 ms / 1847 MiB (2.8x CCE). Pick it when step time
 matters more than a few hundred MiB, the usual case in training (the op runs once per micro-batch, at the end).
 
 "fp32 accumulation" holds as far as cuBLAS gives it: torch lets cuBLAS reduce split-K partial sums of bf16 matmuls
@@ -65,6 +65,12 @@ LAYOUTS = ("low_memory", "fast")
 # 18.5 ms. Hence 16 MiB but at least MIN_VOCAB_CHUNK columns, in multiples of 256 (384 was slow).
 VOCAB_CHUNK_BYTES = 16 * 2**20
 MIN_VOCAB_CHUNK = 512
+# Pass B's last chunks, once the unwritten end of dW cannot hold a tile of this many columns: their tile is a separate
+# (M, TAIL_COLS) buffer (512 KiB at M = 16384 in bf16) instead of an (M, 512) one (vocab_chunks). H100, torch 2.11,
+# triton 3.6, N=32768 H=1024 V=65536 half ignored / N=16384 H=2048 V=151936 (ms, MiB above the inputs): separate
+# full tile 20.6 / 208.4, 79.6 / 674.6; TAIL_COLS 128: 21.4 / 196.4, 77.9 / 662.6; 16: 22.8 / 194.4, 76.0 / 659.1;
+# 8: 26.0 / 194.4, 76.5 / 658.9 (the 194.4 is the 2 MiB of SCATTER_BYTES, not the tile).
+TAIL_COLS = 16
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
 # loop; module-level like the others so the bench can sweep them.
@@ -141,6 +147,33 @@ def vocab_per_chunk(n_rows, vocab, dtype):
     if cols >= 256:
         cols -= cols % 256
     return max(1, min(vocab, cols))
+
+
+def vocab_chunks(n_rows, vocab, hidden_size, dtype):
+    """Pass B's walk over the vocabulary: [(v0, v1, in_dw)], in order, covering [0, vocab).
+
+    Chunk [v0, v1) writes dW rows v0..v1 and its (n_rows, v1 - v0) logits tile lives in the last n_rows * (v1 - v0)
+    elements of the (vocab, hidden_size) dW output when in_dw: that is beyond row v1 (never written before this
+    chunk, so free, and disjoint from the slice the chunk writes) iff width * (n_rows + hidden_size) <=
+    (vocab - v0) * hidden_size. Chunks are vocab_per_chunk wide while that holds, then shrink to the widest that
+    fits (multiples of 256, 128, then 8: each step takes a share hidden_size / (n_rows + hidden_size) of what is
+    left, so the widths fall geometrically over the last few % of V); below TAIL_COLS columns the rest goes in
+    TAIL_COLS-wide chunks whose tile is a separate buffer (in_dw False) of n_rows * TAIL_COLS elements.
+    """
+    cols = vocab_per_chunk(n_rows, vocab, dtype)
+    tail = max(1, min(cols, TAIL_COLS))
+    chunks, v0 = [], 0
+    while v0 < vocab:
+        width = min(cols, (vocab - v0) * hidden_size // (n_rows + hidden_size))
+        if width < cols and width >= 8:  # a full-width chunk keeps vocab_per_chunk's width
+            # 384 columns were slow in the sweep above; multiples of 8 keep bf16 rows 16-byte aligned for cuBLAS
+            width -= width % (256 if width >= 256 else 128 if width >= 128 else 8)
+        in_dw = width >= tail
+        if not in_dw:
+            width = min(tail, vocab - v0)
+        chunks.append((v0, v0 + width, in_dw))
+        v0 += width
+    return chunks
 
 
 def _scatter_rows_in_place(dh, rows, valid):
@@ -238,18 +271,22 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
         elif acc_separate:
             dw.copy_(acc)
         del acc
-        # Pass B (layout "low_memory"): dW per vocabulary chunk over all supervised rows, with pass A's lse.
+        # Pass B (layout "low_memory"): dW per vocabulary chunk over all supervised rows, with pass A's lse. The
+        # logits tile lives in the unwritten end of dW (vocab_chunks), the last narrow chunks in a small buffer.
         if need_dw and not fast:
-            cols = vocab_per_chunk(n_sup, vocab, hidden.dtype)
-            tile_buf = torch.empty(n_sup * cols, dtype=hidden.dtype, device=device)
-            for v0 in range(0, vocab, cols):
-                v1 = min(vocab, v0 + cols)
-                tile = tile_buf[: n_sup * (v1 - v0)].view(n_sup, v1 - v0)  # (M, Vc)
+            schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype)
+            spare_cols = max((v1 - v0 for v0, v1, in_dw in schedule if not in_dw), default=0)
+            spare = torch.empty(n_sup * spare_cols, dtype=hidden.dtype, device=device) if spare_cols else None
+            dw_flat = dw.view(-1)
+            for v0, v1, in_dw in schedule:
+                size = n_sup * (v1 - v0)
+                # (M, Vc): in dW's last `size` elements, beyond dw[v1:] (vocab_chunks), or in the spare buffer
+                tile = (dw_flat[dw_flat.numel() - size:] if in_dw else spare[:size]).view(n_sup, v1 - v0)
                 torch.mm(h, weight[v0:v1].t(), out=tile)
                 ce_rows(tile, t, lse, None, softcap=softcap, grad_out=tile, grad_scale=one, compute_lse=False,
                         col_offset=v0)
                 torch.mm(tile.t(), h, out=dw[v0:v1])
-            del tile_buf, tile
+            del spare, tile, dw_flat
         del h
         if need_dh and gathered:
             _scatter_rows_in_place(dh, rows, valid)

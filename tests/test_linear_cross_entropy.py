@@ -118,6 +118,66 @@ def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, block_r
     assert torch.equal(dh, want)
 
 
+@pytest.mark.parametrize("n_rows,hidden_size,vocab,cols,tail", [
+    (28, 50, 203, 64, 8), (9, 50, 203, 64, 8), (16384, 1024, 65536, 512, 128), (16384, 2048, 151936, 512, 128),
+    (3000, 7, 1001, 300, 1), (5, 3, 11, 64, 64)])
+def test_vocab_chunks_keep_the_tile_in_unwritten_dw(monkeypatch, n_rows, hidden_size, vocab, cols, tail):
+    monkeypatch.setattr(lce_mod, "VOCAB_CHUNK_BYTES", 0)
+    monkeypatch.setattr(lce_mod, "MIN_VOCAB_CHUNK", cols)
+    monkeypatch.setattr(lce_mod, "TAIL_COLS", tail)
+    chunks = lce_mod.vocab_chunks(n_rows, vocab, hidden_size, torch.bfloat16)
+    assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == vocab  # in order, all
+    cols = min(cols, vocab)
+    for v0, v1, in_dw in chunks:
+        assert 0 < v1 - v0 <= (cols if in_dw else min(cols, tail))
+        if in_dw:  # the tile, dW's last n_rows * width elements, starts at or after row v1
+            assert n_rows * (v1 - v0) <= (vocab - v1) * hidden_size
+    # Full-width chunks while they fit, then narrower ones, then the spare buffer for only the very end of V.
+    flags = [in_dw for _, _, in_dw in chunks]
+    assert flags == sorted(flags, reverse=True)
+    widths = [v1 - v0 for v0, v1, in_dw in chunks if in_dw]
+    assert widths == sorted(widths, reverse=True)
+    narrow = [w for w in widths if w < cols]
+    tail_cols = sum(v1 - v0 for v0, v1, in_dw in chunks if not in_dw)
+    assert tail_cols <= tail * (n_rows + hidden_size) / hidden_size + tail
+    if vocab == 65536:  # the H100 bench shape: 112 chunks of 512, then narrower ones, spare-buffer ones at the end
+        assert len(narrow) > 3 and 0 < tail_cols < 0.05 * vocab
+
+
+@pytest.mark.parametrize("dtype,ignored_fraction", [(torch.float32, 0.25), (torch.bfloat16, 0.75)])
+def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction):
+    # Small sizes where the tile shrinks several times and then moves to the spare buffer. Before each pass-B chunk
+    # everything of dW not yet written and not holding the tile is poisoned with NaN: a slice left unwritten, a tile
+    # over an already written slice, or a matmul reading the slice it writes shows in the gradients.
+    chunking(monkeypatch, 8, 64)
+    monkeypatch.setattr(lce_mod, "TAIL_COLS", 8)
+    case = make_case(dtype, ignored_fraction, seed=31)
+    n_sup = int((case[2] != -1).sum())
+    schedule = lce_mod.vocab_chunks(n_sup, V, H, dtype)
+    assert sum(in_dw and v1 - v0 < 64 for v0, v1, in_dw in schedule) >= 2 and not schedule[-1][2]
+    seen = []
+    real_ce_rows = lce_mod.ce_rows
+
+    def poisoning_ce_rows(logits, targets, lse, loss, **kw):
+        if kw.get("compute_lse", True):  # pass A
+            return real_ce_rows(logits, targets, lse, loss, **kw)
+        v0, width = kw["col_offset"], logits.shape[1]
+        storage = logits.untyped_storage()
+        whole = torch.empty(0, dtype=dtype).set_(storage)  # flat view of the storage the tile lives in
+        in_dw = whole.numel() == V * H
+        start = (logits.data_ptr() - storage.data_ptr()) // logits.element_size()
+        if in_dw:
+            assert start + logits.numel() == V * H and start >= (v0 + width) * H
+            whole[v0 * H:start] = float("nan")
+        seen.append((v0, v0 + width, in_dw))
+        return real_ce_rows(logits, targets, lse, loss, **kw)
+
+    monkeypatch.setattr(lce_mod, "ce_rows", poisoning_ce_rows)
+    got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
+    assert seen == schedule
+    assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), dtype, ignored_fraction)
+
+
 @pytest.mark.parametrize("layout", ["low_memory", "fast"])
 def test_ignored_rows_never_reach_a_matmul(layout):
     hidden, weight, targets = make_case(torch.float32, 0.5, seed=11)
