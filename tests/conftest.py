@@ -19,3 +19,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def run_without_interpreter():
+    """Run a Python script in a fresh process with TRITON_INTERPRET unset (a CPU machine without Triton's
+    interpreter, as users have it); returns (returncode, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    def run(script: str):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return run

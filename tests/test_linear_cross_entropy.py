@@ -4,9 +4,6 @@ both gradients, ignored rows in both placements of the gathered rows, row and vo
 scatter of dh, torch.compile, the reference fallback where Triton cannot run, bad input."""
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -399,10 +396,8 @@ CPU_FALLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_cpu_without_interpreter_falls_back_to_the_reference():
+def test_cpu_without_interpreter_falls_back_to_the_reference(run_without_interpreter):
     # Without TRITON_INTERPRET=1 a CPU tensor cannot reach a Triton kernel ("0 active drivers"): the op must use the
     # reference math instead. A fresh interpreter, since the test session itself runs with the interpreter on.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", CPU_FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    code, out, err = run_without_interpreter(CPU_FALLBACK_SCRIPT)
+    assert code == 0 and out.strip() == "ok", err[-2000:]
