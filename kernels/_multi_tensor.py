@@ -56,6 +56,19 @@ def round_to_bf16(x, MANUAL: tl.constexpr):
     return x.to(tl.bfloat16)
 
 
+@triton.jit
+def table_pointers(address_ptr, offs, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Pointers `offs` into the tensor whose int64 address sits at `address_ptr` of a device table.
+
+    With ALIGNED (every address 16-byte aligned, blocks starting at multiples of BLOCK) the pointer tensor is hinted
+    for 16-byte vector accesses: a hint on the int64 address itself is lost through the int-to-pointer cast.
+    """
+    ptrs = tl.load(address_ptr).to(tl.pointer_type(DTYPE)) + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), BLOCK)
+    return ptrs
+
+
 def params_with_grads(optimizer: str, gi: int, group: dict):
     """Yield the group's parameters that have a gradient, after the checks every fused step needs."""
     for pi, p in enumerate(group["params"]):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
-                            runs_triton, tl_dtype)
+                            runs_triton, table_pointers, tl_dtype)
 
 _GPU_BLOCK = 2048
 _GPU_WARPS = 4
@@ -96,16 +96,10 @@ def _adamw_kernel(
     row = table_ptr + t * 5  # _ROW
     numel = tl.load(row + 4)
     offs = start + tl.arange(0, BLOCK)
-    p_ptrs = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE)) + offs
-    g_ptrs = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE)) + offs
-    m_ptrs = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + offs
-    v_ptrs = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + offs
-    if ALIGNED:
-        # Every address is 16-byte aligned and tiles start at multiples of BLOCK: allow 16-byte vector accesses.
-        p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, 16), BLOCK)
-        g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
-        m_ptrs = tl.max_contiguous(tl.multiple_of(m_ptrs, 16), BLOCK)
-        v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, 16), BLOCK)
+    p_ptrs = table_pointers(row + 0, offs, PARAM_DTYPE, ALIGNED, BLOCK)
+    g_ptrs = table_pointers(row + 1, offs, PARAM_DTYPE, ALIGNED, BLOCK)
+    m_ptrs = table_pointers(row + 2, offs, tl.float32, ALIGNED, BLOCK)
+    v_ptrs = table_pointers(row + 3, offs, tl.float32, ALIGNED, BLOCK)
     if start + BLOCK <= numel:
         _adamw_tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs < numel, lr, beta1, beta2, eps, weight_decay, step_size,
                     bias_correction2_sqrt, PARAM_DTYPE, IS_BF16, MANUAL_ROUNDING, MASKED=False)

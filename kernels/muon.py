@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
-                            runs_triton, tl_dtype)
+                            runs_triton, table_pointers, tl_dtype)
 
 POLAR_EXPRESS_COEFFICIENTS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -133,9 +133,7 @@ def _muon_momentum_kernel(
     k = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     base = k * numel
-    g_ptrs = tl.load(grad_table_ptr + k).to(tl.pointer_type(GRAD_DTYPE)) + offs
-    if ALIGNED:  # a hint on the int64 address is lost through the cast; hint the pointer tensor instead
-        g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
+    g_ptrs = table_pointers(grad_table_ptr + k, offs, GRAD_DTYPE, ALIGNED, BLOCK)
     full = (blk + 1) * BLOCK <= numel
     mask = offs < numel
     if full:  # unmasked accesses vectorize; only a matrix's last block is masked
@@ -177,9 +175,7 @@ def _muon_apply_kernel(
     k = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     base = k * numel
-    p_ptrs = tl.load(param_table_ptr + k).to(tl.pointer_type(PARAM_DTYPE)) + offs
-    if ALIGNED:
-        p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, 16), BLOCK)
+    p_ptrs = table_pointers(param_table_ptr + k, offs, PARAM_DTYPE, ALIGNED, BLOCK)
     full = (blk + 1) * BLOCK <= numel
     mask = offs < numel
     if full:
