@@ -28,6 +28,7 @@ import triton.testing
 
 # By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
 lce_mod = importlib.import_module("fastsft.kernels.linear_cross_entropy")
+from fastsft.kernels._scatter_rows import scatter_rows_home
 from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
@@ -40,18 +41,18 @@ LCE_SHAPES = [  # (N, H, V, fraction of targets ignored)
 
 
 LAYOUTS = ("low_memory", "fast")
-FAST_SWEEPS = [  # layout="fast": (FAST_CHUNK_BYTES MiB, FAST_MIN_ROWS) tried besides the default, per LCE shape
-    [(128, 1024), (512, 4096)],
-    [(256, 1024), (256, 4096)],
+# Module knobs tried besides the defaults, per LCE shape (one dict of overrides per variant); layout "low_memory"
+# then "fast". TAIL_COLS trades the split chunks' accumulator (4 * H bytes per column) against narrow chunks.
+SWEEPS = [
+    [dict(TAIL_COLS=8), dict(TAIL_COLS=32), dict(TAIL_COLS=64), dict(VOCAB_CHUNK_BYTES=32 * 2**20)],
+    [dict(TAIL_COLS=8), dict(TAIL_COLS=32), dict(VOCAB_CHUNK_BYTES=32 * 2**20)],
+    [dict(TAIL_COLS=32)],
+]
+FAST_SWEEPS = [
+    [dict(FAST_CHUNK_BYTES=128 * 2**20, FAST_MIN_ROWS=1024), dict(FAST_CHUNK_BYTES=512 * 2**20, FAST_MIN_ROWS=4096)],
+    [dict(FAST_MIN_ROWS=1024), dict(FAST_MIN_ROWS=4096)],
     [],
 ]
-FAST_KNOBS = ("FAST_CHUNK_BYTES", "FAST_MIN_ROWS")
-SWEEPS = [  # (VOCAB_CHUNK_BYTES MiB, MIN_VOCAB_CHUNK, MAX_ROW_CHUNK) tried besides the default, per LCE shape
-    [(8, 256, None), (8, 128, None), (32, 512, None), (64, 512, None)],
-    [(8, 256, None), (32, 512, None), (64, 512, None)],
-    [(8, 256, None)],
-]
-KNOBS = ("VOCAB_CHUNK_BYTES", "MIN_VOCAB_CHUNK", "MAX_ROW_CHUNK")
 
 
 def log(*args):
@@ -140,6 +141,28 @@ def lce_correctness(rows, shape):
         torch.cuda.empty_cache()
 
 
+def scatter_check(rows):
+    """The in-place move of dh home, at full size, against index_copy_ into zeros: bit-exact or wrong (a race in
+    the kernel's barrier would show as a few rows off, different from run to run, so it runs several times)."""
+    for n, h, ignored, dtype in [(32768, 1024, 0.5, torch.bfloat16), (32768, 1024, 0.25, torch.bfloat16),
+                                 (16384, 2048, 0.9, torch.bfloat16), (20000, 1000, 0.3, torch.float32)]:
+        gen = torch.Generator(device="cuda").manual_seed(n + h)
+        bad = 0
+        for _ in range(5):
+            targets = torch.randint(0, 1000, (n,), device="cuda", generator=gen)
+            # runs of ignored rows, as in chat data, plus scattered ones
+            targets[torch.rand(n, device="cuda", generator=gen) < ignored] = -1
+            targets[n // 3: n // 3 + 700] = -1
+            m = int((targets >= 0).sum())
+            dh = torch.randn(n, h, device="cuda", generator=gen).to(dtype) + 3
+            want = torch.zeros_like(dh).index_copy_(0, torch.nonzero(targets >= 0).squeeze(1), dh[:m])
+            scatter_rows_home(dh, targets, m)
+            bad += int((dh != want).any(dim=1).sum())
+        rows.append(dict(kind="correctness", case=f"scatter N={n} H={h} ign~{ignored} {dtype}", impl="fastsft",
+                         rows_wrong_in_5_runs=bad))
+        log(rows[-1])
+
+
 def grads_taken(hidden, weight, targets, layout="low_memory"):
     """Whether .grad ends up being the very buffers the op made (autograd took them) rather than copies."""
     made, impl = {}, lce_mod._forward_impl
@@ -176,49 +199,37 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
         try:
             ms, mem = time_and_memory(fwd_bwd(lambda: fn(hidden, weight, targets), *tensors), tensors)
             rows.append(dict(kind="time", case=case, impl=impl, ms=round(ms, 3), extra_GiB=round(mem, 4),
-                             extra_MiB=round(mem * 1024, 1), **extra))
+                             extra_MiB=round(mem * 1024, 3), **extra))
         except Exception as e:
             rows.append(dict(kind="time", case=case, impl=impl, error=repr(e)[:160]))
         log(rows[-1])
         torch.cuda.empty_cache()
 
     floor = (n * h + v * h) * hidden.element_size() / 2**20
-    rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 1)))
+    rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 3)))
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
-        tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK,
-        max_row_chunk=lce_mod.MAX_ROW_CHUNK, tail_cols=lce_mod.TAIL_COLS)
+        tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK, tail_cols=lce_mod.TAIL_COLS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets, layout="fast")
     lce_mod.GRAD_IN_BACKWARD = True
     add("fastsft low_memory, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
-    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
     lce_mod.GRAD_IN_BACKWARD = False
     add("torch.compile bf16 matmul + fp32 CE", compiled_bf16)
     for name, fn in impls.items():
         add(name, fn)
     for name, err in errors.items():
         rows.append(dict(kind="time", case=case, impl=name, error=err))
-    if sweep:
-        default = [getattr(lce_mod, k) for k in KNOBS]
-        for tile_mib, min_cols, max_rows in sweep:
-            for k, val in zip(KNOBS, (tile_mib * 2**20, min_cols, max_rows)):
+    for layout, variants in (("low_memory", sweep or []), ("fast", fast_sweep or [])):
+        for knobs in variants:
+            default = {k: getattr(lce_mod, k) for k in knobs}
+            for k, val in knobs.items():
                 setattr(lce_mod, k, val)
-            add("fastsft sweep", lambda *a: linear_cross_entropy(*a)[0], tile_MiB=tile_mib, min_cols=min_cols,
-                max_row_chunk=max_rows, vocab_chunk=lce_mod.vocab_per_chunk(int((targets >= 0).sum()), v,
-                                                                            hidden.dtype))
-        for k, val in zip(KNOBS, default):
-            setattr(lce_mod, k, val)
-    if fast_sweep:
-        default = [getattr(lce_mod, k) for k in FAST_KNOBS]
-        for chunk_mib, min_rows in fast_sweep:
-            lce_mod.FAST_CHUNK_BYTES, lce_mod.FAST_MIN_ROWS = chunk_mib * 2**20, min_rows
-            add("fastsft fast sweep", lambda *a: linear_cross_entropy(*a, layout="fast")[0], chunk_MiB=chunk_mib,
-                min_rows=min_rows, row_chunk=lce_mod.fast_rows_per_chunk(int((targets >= 0).sum()), v,
-                                                                          hidden.dtype))
-        for k, val in zip(FAST_KNOBS, default):
-            setattr(lce_mod, k, val)
+            add(f"fastsft {layout} sweep", lambda *a, lay=layout: linear_cross_entropy(*a, layout=lay)[0],
+                **{k.lower(): (val // 2**20 if k.endswith("BYTES") else val) for k, val in knobs.items()})
+            for k, val in default.items():
+                setattr(lce_mod, k, val)
     del hidden, weight, targets
     torch.cuda.empty_cache()
 
@@ -279,7 +290,9 @@ def lce_breakdown(rows, shape):
     whole = {
         "gather rows (nonzero_static + index_select)": lambda: hidden.index_select(
             0, torch.nonzero_static(valid, size=m).squeeze(1)),
-        "in-place scatter of dh (blockwise)": lambda: lce_mod._scatter_rows_in_place(dh_full, idx, valid),
+        "in-place scatter of dh (Triton, no staging)": lambda: scatter_rows_home(dh_full, targets, m),
+        "same move out of place (index_copy_ into zeros)": lambda: torch.zeros_like(dh_full).index_copy_(
+            0, idx, dh_full[:m]),
         "host sync (stack of 2 sums + tolist)": lambda: torch.stack([valid.sum(), valid.sum()]).tolist(),
         "backward scale dh, dW (mul_)": lambda: (hidden.mul_(one), weight.mul_(one)),
     }
@@ -370,6 +383,7 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
     impls, errors = outside_impls()
     t0 = time.time()
     if "lce_check" in parts:
+        scatter_check(rows)
         for shape in LCE_SHAPES:
             lce_correctness(rows, shape)
     if "lce_time" in parts:

@@ -36,7 +36,8 @@ def _tanh(x):
 def _ce_rows_kernel(
     x_ptr, x_stride,  # logits (rows, V), any float dtype
     g_ptr, g_stride,  # gradient out (rows, V); may be x_ptr itself: each element is read before it is written
-    tgt_ptr,  # (rows,) int64, -1 = ignored
+    tgt_ptr,  # (rows,) int64, -1 = ignored; indexed through idx_ptr when HAS_INDEX
+    idx_ptr,  # (rows,) int32/int64: row i's target is tgt_ptr[idx_ptr[i]] (the gathered rows of a larger batch)
     lse_ptr,  # (rows,) fp32: written when COMPUTE_LSE, read otherwise
     loss_ptr,  # (rows,) fp32: lse - target logit, 0 for ignored rows (written when COMPUTE_LSE)
     scale_ptr,  # () fp32: upstream gradient of the loss sum, read on the device (no host sync)
@@ -44,13 +45,17 @@ def _ce_rows_kernel(
     col_offset,  # vocabulary index of column 0 of this block (a vocabulary slice of the logits); 0 when COMPUTE_LSE
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     COMPUTE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 past 2**31 elements
     x_row = x_ptr + row * x_stride
-    tgt = tl.load(tgt_ptr + row)
+    if HAS_INDEX:
+        tgt = tl.load(tgt_ptr + tl.load(idx_ptr + row).to(tl.int64))
+    else:
+        tgt = tl.load(tgt_ptr + row)
     valid = tgt >= 0
     # An ignored row has length 0 for reading (its logits are never loaded). Folding the flag into a bound also
     # sidesteps the interpreter, which mis-types `vector_mask & scalar_bool`.
@@ -104,8 +109,11 @@ def _ce_rows_kernel(
 
 
 def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_scale=None, compute_lse=True,
-            col_offset=0):
+            col_offset=0, row_index=None):
     """Launch the row kernel over `logits` (rows, V), rows contiguous along V.
+
+    targets: (rows,), or any length with row_index (rows,) giving row i's position in it (targets[row_index[i]]),
+    so gathered rows need no gathered copy of their targets.
 
     compute_lse: write `lse` and `loss` (rows,) fp32; else read `lse`. grad_out: when given, write
     (softmax - onehot) * softcap' * grad_scale into it (it may be `logits` itself). col_offset: `logits` holds the
@@ -125,9 +133,10 @@ def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_sca
     _ce_rows_kernel[(rows,)](
         logits, logits.stride(0),
         grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
-        targets, lse, loss if loss is not None else dummy, grad_scale if write_grad else dummy,
-        vocab, int(col_offset), float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        targets, row_index if row_index is not None else targets, lse, loss if loss is not None else dummy,
+        grad_scale if write_grad else dummy, vocab, int(col_offset), float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, COMPUTE_LSE=compute_lse,
+        WRITE_GRAD=write_grad, BLOCK_V=block_v,
         num_warps=ROW_NUM_WARPS if block_v >= ROW_BLOCK_V else NARROW_ROW_NUM_WARPS,
     )
 

@@ -14,17 +14,16 @@ layout="low_memory" (default): two passes over the M supervised rows, 4 matmuls.
     pass B, per vocabulary chunk (all M rows), with the lse of pass A:
         logits_v = h @ W_v^T;  row kernel: dlogits_v in place;  dW_v = dlogits_v^T @ h   (complete over all rows)
 Every gradient element is ONE matmul with fp32 accumulation over its whole reduction, written once in the output
-dtype: no (V, H) or (M, H) fp32 accumulator. The gradient outputs double as workspace while not yet written: pass
-A's logits chunk (H rows x V) lives in the dW output, the gathered rows in the spare rows of the dh output (dh of the
-supervised rows is written densely at its top and scattered home in place at the end), and so does pass B's logits
-tile: chunk [v0, v1) keeps it in the last elements of dW, beyond row v1, i.e. in rows no chunk has written yet and
-disjoint from the slice it writes; near the end of V the chunks shrink to fit (vocab_chunks), and the last
-~(M + H) / H * TAIL_COLS columns use a separate (M, TAIL_COLS) tile. What remains is that small tile, the scatter's
-staging block (SCATTER_BYTES) and O(M) vectors; plus the gathered rows when fewer than half the targets are ignored.
-H100 80GB, torch 2.11 + CUDA 13, triton 3.6, 2026-11-25: N=32768, H=1024, V=65536, half ignored: 22.8 ms, 0.58x
-Apple CCE's time (39.0 ms), 194.4 MiB above the inputs (gradients 192, CCE 192.4); N=16384, H=2048, V=151936,
-nothing ignored: 76.0 ms (CCE 170.9) and 659.1 MiB (floor 657.5, CCE 659.2). Pick it when memory is
-tight (large vocabularies, long rows): it stays within ~1% of CCE's memory, the floor being the gradients.
+dtype, except the last TAIL_COLS-wide chunks of pass B, which sum a few row blocks in an fp32 accumulator first: no
+(V, H) or (M, H) fp32 accumulator. The gradient outputs double as workspace while not yet written: pass A's logits
+chunk (H rows x V) lives in the dW output, the gathered rows in the spare rows of the dh output (dh of the supervised
+rows is written densely at its top and moved home in place at the end, kernels/_scatter_rows.py), and so does pass
+B's logits tile: chunk [v0, v1) keeps it in the last elements of dW, beyond row v1, i.e. in rows no chunk has
+written yet and disjoint from the slice it writes; near the end of V the chunks shrink to fit (vocab_chunks), and
+the last few hundred columns, where no tile of all M rows fits, go in row blocks (split_rows) summed in a
+(TAIL_COLS, H) fp32 accumulator. What remains beyond the gradients: that accumulator (64 KiB at H=1024) and two
+(M,) vectors (lse, row indices); plus the gathered rows when fewer than half the targets are ignored.
+Pick it when memory is tight (large vocabularies, long rows): bench/RESULTS.md has its time and memory beside CCE's.
 
 layout="fast": one pass over row chunks of >= FAST_MIN_ROWS rows, 3 matmuls: logits_c = h_c @ W^T; row kernel
 (lse, loss, dlogits in place); dh_c = dlogits_c @ W; dW_acc += dlogits_c^T @ h_c into an fp32 (V, H) accumulator
@@ -43,7 +42,8 @@ Returns the SUM of token losses (fp32) and the supervised count (int64), so the 
 
 Host sync: one per call (0.05 ms on an H100). The gather of supervised rows needs their count on the host to size
 the chunk loops; the same sync also checks that targets lie in [-1, V). It sits inside the custom op, so
-torch.compile sees static shapes.
+torch.compile sees static shapes. The row kernel reads each gathered row's target through its row index (no
+gathered copy of the targets), and the per-row losses exist one chunk at a time.
 
 Where Triton cannot run (a CPU tensor without TRITON_INTERPRET=1), the op computes the same quantities with the
 PyTorch reference math (full fp32 logits), so CPU-only training and tools work without a GPU.
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
 from ._multi_tensor import runs_triton
+from ._scatter_rows import scatter_rows_home
 
 LAYOUTS = ("low_memory", "fast")
 
@@ -65,11 +66,12 @@ LAYOUTS = ("low_memory", "fast")
 # 18.5 ms. Hence 16 MiB but at least MIN_VOCAB_CHUNK columns, in multiples of 256 (384 was slow).
 VOCAB_CHUNK_BYTES = 16 * 2**20
 MIN_VOCAB_CHUNK = 512
-# Pass B's last chunks, once the unwritten end of dW cannot hold a tile of this many columns: their tile is a separate
-# (M, TAIL_COLS) buffer (512 KiB at M = 16384 in bf16) instead of an (M, 512) one (vocab_chunks). H100, torch 2.11,
-# triton 3.6, N=32768 H=1024 V=65536 half ignored / N=16384 H=2048 V=151936 (ms, MiB above the inputs): separate
-# full tile 20.6 / 208.4, 79.6 / 674.6; TAIL_COLS 128: 21.4 / 196.4, 77.9 / 662.6; 16: 22.8 / 194.4, 76.0 / 659.1;
-# 8: 26.0 / 194.4, 76.5 / 658.9 (the 194.4 is the 2 MiB of SCATTER_BYTES, not the tile).
+# Pass B's last chunks, once the unwritten end of dW cannot hold a tile of this many columns over all M rows: they
+# are this wide, their rows go in blocks (split_rows) and an fp32 (TAIL_COLS, H) accumulator sums the blocks. Narrow
+# chunks cost time (each re-reads the gathered rows twice: 1/17 of the remaining columns per chunk at M=16H), so
+# wider is faster, at 4 * H bytes per column of accumulator. H100, torch 2.11, triton 3.6, N=32768 H=1024 V=65536
+# half ignored, when the tail was a separate (M, TAIL_COLS) tile instead (ms / MiB above the inputs): TAIL_COLS 128:
+# 21.4 / 196.4; 16: 22.8 / 194.4; 8: 26.0 / 194.4 (the 194.4 was a 2 MiB staging copy of the dh scatter, now gone).
 TAIL_COLS = 16
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
@@ -79,8 +81,6 @@ MAX_ROW_CHUNK = None
 # (one weight-sized logits buffer) and backward recomputes everything (5 matmuls, +4 ms at the shape above) with the
 # same workspace as the default; it allows a second backward through one forward (retain_graph).
 GRAD_IN_BACKWARD = False
-# Rows moved per step of the in-place scatter of dh (bytes of its staging copy).
-SCATTER_BYTES = 2 * 2**20
 # layout="fast": logits chunk of FAST_CHUNK_BYTES but at least FAST_MIN_ROWS rows. Each chunk reads and writes the
 # whole fp32 (V, H) accumulator once, so short chunks cost time: at V=151936 the byte budget alone gave 768-row
 # chunks and 66.6 ms against 52.2 ms with the 2048-row floor (H100, bench/RESULTS.md). MAX_ROW_CHUNK caps it too.
@@ -152,13 +152,16 @@ def vocab_per_chunk(n_rows, vocab, dtype):
 def vocab_chunks(n_rows, vocab, hidden_size, dtype):
     """Pass B's walk over the vocabulary: [(v0, v1, in_dw)], in order, covering [0, vocab).
 
-    Chunk [v0, v1) writes dW rows v0..v1 and its (n_rows, v1 - v0) logits tile lives in the last n_rows * (v1 - v0)
-    elements of the (vocab, hidden_size) dW output when in_dw: that is beyond row v1 (never written before this
-    chunk, so free, and disjoint from the slice the chunk writes) iff width * (n_rows + hidden_size) <=
-    (vocab - v0) * hidden_size. Chunks are vocab_per_chunk wide while that holds, then shrink to the widest that
-    fits (multiples of 256, 128, then 8: each step takes a share hidden_size / (n_rows + hidden_size) of what is
-    left, so the widths fall geometrically over the last few % of V); below TAIL_COLS columns the rest goes in
-    TAIL_COLS-wide chunks whose tile is a separate buffer (in_dw False) of n_rows * TAIL_COLS elements.
+    in_dw: chunk [v0, v1) keeps its (n_rows, v1 - v0) logits tile in the last n_rows * (v1 - v0) elements of the
+    (vocab, hidden_size) dW output, beyond row v1 (never written before this chunk, so free, and disjoint from the
+    slice the chunk writes) iff width * (n_rows + hidden_size) <= (vocab - v0) * hidden_size, and writes dW[v0:v1]
+    with one matmul. Chunks are vocab_per_chunk wide while that holds, then shrink to the widest that fits
+    (multiples of 256, 128, then 8: each step takes a share hidden_size / (n_rows + hidden_size) of what is left,
+    so the widths fall geometrically over the last few % of V).
+    Below TAIL_COLS columns no tile of all n_rows rows fits any more (the last chunk only has its own rows), so the
+    rest goes in TAIL_COLS-wide split chunks (in_dw False): rows in blocks of split_rows, each block's tile again
+    in dW's unwritten end (own rows included), summed in a small fp32 (TAIL_COLS, hidden_size) accumulator that is
+    cast into dW[v0:v1] after the last block.
     """
     cols = vocab_per_chunk(n_rows, vocab, dtype)
     tail = max(1, min(cols, TAIL_COLS))
@@ -176,18 +179,9 @@ def vocab_chunks(n_rows, vocab, hidden_size, dtype):
     return chunks
 
 
-def _scatter_rows_in_place(dh, rows, valid):
-    """dh[:M] holds the gradients of rows `rows` (sorted, so rows[k] >= k): move them home in place, zero the rest.
-
-    Blocks go from the last to the first: a block's destinations are >= its first source index, so they never
-    overwrite a source still waiting to move; the block's own sources are staged in a small copy first.
-    """
-    n_sup = rows.shape[0]
-    block = max(1, SCATTER_BYTES // max(1, dh.shape[1] * dh.element_size()))
-    for end in range(n_sup, 0, -block):
-        start = max(0, end - block)
-        dh.index_copy_(0, rows[start:end], dh[start:end].clone())
-    dh.masked_fill_(~valid.unsqueeze(1), 0)
+def split_rows(n_rows, vocab, hidden_size, v0, width):
+    """Rows per block of a split chunk [v0, v0 + width): as many as dW's unwritten rows v0.. hold as a tile."""
+    return max(1, min(n_rows, (vocab - v0) * hidden_size // width))
 
 
 def _accumulate_dw(acc, dlogits, h, first):
@@ -200,18 +194,29 @@ def _accumulate_dw(acc, dlogits, h, first):
         torch.addmm(acc, dlogits.t().float(), h.float(), beta=0 if first else 1, out=acc)
 
 
+def _supervised_rows(targets, vocab):
+    """(count of targets >= 0 as a host int, the same as a device scalar, their indices (M,) int32 or None).
+
+    The one host sync of the op. The indices are made before any output exists, so their int64 form and the masks
+    never add to the op's peak."""
+    valid = targets >= 0
+    counts = torch.stack([valid.sum(), ((targets < -1) | (targets >= vocab)).sum()])
+    n_sup, n_bad = counts.tolist()
+    if n_bad:
+        raise ValueError(f"linear_cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, "
+                         f"-1 = ignore)")
+    rows = None
+    if 0 < n_sup < targets.shape[0]:
+        rows = torch.nonzero_static(valid, size=n_sup).squeeze(1).to(torch.int32)  # (M,) sorted
+    return n_sup, counts[0].clone(), rows
+
+
 def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory"):
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     fast = layout == "fast"
-    valid = targets >= 0
-    counts = torch.stack([valid.sum(), ((targets < -1) | (targets >= vocab)).sum()])
-    n_sup, n_bad = counts.tolist()  # the one host sync (see the module docstring)
-    if n_bad:
-        raise ValueError(f"linear_cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, "
-                         f"-1 = ignore)")
-    n_supervised = counts[0].clone()
+    n_sup, n_supervised, rows = _supervised_rows(targets, vocab)
 
     # Outputs first: they are the workspace (module docstring). Gradients of nothing supervised are zeros.
     # Layout "fast" with a low-precision weight: dW is cast from its fp32 accumulator, and exists early only when
@@ -222,23 +227,19 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
     alloc = torch.empty if n_sup else torch.zeros
     dh = alloc(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None  # (N, H)
     dw = alloc(weight.shape, dtype=weight.dtype, device=device) if need_dw and not dw_late else None  # (V, H)
-    lse = torch.empty(n_sup, dtype=torch.float32, device=device)
-    loss = torch.empty(n_sup, dtype=torch.float32, device=device)
 
-    gathered = 0 < n_sup < n_rows
-    if not gathered:
-        rows, h, t = None, hidden, targets
+    if rows is None:
+        h = hidden
+    elif need_dh and 2 * n_sup <= n_rows:  # the spare rows of dh hold the gathered rows until the last matmul
+        h = torch.index_select(hidden, 0, rows, out=dh[n_sup:2 * n_sup])  # (M, H)
     else:
-        rows = torch.nonzero_static(valid, size=n_sup).squeeze(1)  # (M,) sorted
-        t = targets.index_select(0, rows)  # (M,)
-        if need_dh and 2 * n_sup <= n_rows:  # the spare rows of dh hold the gathered rows until the last matmul
-            h = torch.index_select(hidden, 0, rows, out=dh[n_sup:2 * n_sup])  # (M, H)
-        else:
-            h = hidden.index_select(0, rows)  # (M, H)
-    dh_sup = dh[:n_sup] if need_dh else None  # (M, H): dense at the top of dh, scattered at the end
+        h = hidden.index_select(0, rows)  # (M, H)
+    dh_sup = dh[:n_sup] if need_dh else None  # (M, H): dense at the top of dh, scattered home at the end
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
 
     if n_sup:
         one = torch.ones((), dtype=torch.float32, device=device)
+        lse = torch.empty(n_sup, dtype=torch.float32, device=device)  # pass B reads it for every row
         # Pass A (the only pass of layout "fast"): lse, loss, dh (and dW for "fast") per row chunk over all of V.
         acc = None
         if fast:
@@ -255,47 +256,62 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                 buf = dw.view(-1)[: chunk * vocab].view(chunk, vocab)  # (C, V) borrowed: pass B overwrites it
             else:
                 buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=device)
+        # Per-row losses only per chunk, summed chunk by chunk (in order: deterministic).
+        loss_rows = torch.empty(chunk, dtype=torch.float32, device=device)
         for start in range(0, n_sup, chunk):
             end = min(n_sup, start + chunk)
             logits = buf[: end - start]  # (c, V)
             torch.mm(h[start:end], weight.t(), out=logits)
-            ce_rows(logits, t[start:end], lse[start:end], loss[start:end], softcap=softcap,
-                    grad_out=logits if (need_dh or acc is not None) else None, grad_scale=one)
+            t, t_index = (targets[start:end], None) if rows is None else (targets, rows[start:end])
+            ce_rows(logits, t, lse[start:end], loss_rows[: end - start], softcap=softcap,
+                    grad_out=logits if (need_dh or acc is not None) else None, grad_scale=one, row_index=t_index)
+            loss_sum += loss_rows[: end - start].sum()
             if need_dh:
                 torch.mm(logits, weight, out=dh_sup[start:end])
             if acc is not None:
                 _accumulate_dw(acc, logits, h[start:end], first=start == 0)
-        del buf, logits
+        del buf, logits, loss_rows
         if dw_late:
             dw = acc.to(weight.dtype)
         elif acc_separate:
             dw.copy_(acc)
         del acc
         # Pass B (layout "low_memory"): dW per vocabulary chunk over all supervised rows, with pass A's lse. The
-        # logits tile lives in the unwritten end of dW (vocab_chunks), the last narrow chunks in a small buffer.
+        # logits tile lives in the unwritten end of dW (vocab_chunks); the last narrow chunks go in row blocks.
         if need_dw and not fast:
             schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype)
-            spare_cols = max((v1 - v0 for v0, v1, in_dw in schedule if not in_dw), default=0)
-            spare = torch.empty(n_sup * spare_cols, dtype=hidden.dtype, device=device) if spare_cols else None
+            tail_cols = max((v1 - v0 for v0, v1, in_dw in schedule if not in_dw), default=0)
+            tail_acc = (torch.empty(tail_cols, hidden_size, dtype=torch.float32, device=device) if tail_cols
+                        else None)  # (TAIL_COLS, H)
             dw_flat = dw.view(-1)
             for v0, v1, in_dw in schedule:
-                size = n_sup * (v1 - v0)
-                # (M, Vc): in dW's last `size` elements, beyond dw[v1:] (vocab_chunks), or in the spare buffer
-                tile = (dw_flat[dw_flat.numel() - size:] if in_dw else spare[:size]).view(n_sup, v1 - v0)
-                torch.mm(h, weight[v0:v1].t(), out=tile)
-                ce_rows(tile, t, lse, None, softcap=softcap, grad_out=tile, grad_scale=one, compute_lse=False,
-                        col_offset=v0)
-                torch.mm(tile.t(), h, out=dw[v0:v1])
-            del spare, tile, dw_flat
-        del h
-        if need_dh and gathered:
-            _scatter_rows_in_place(dh, rows, valid)
+                width = v1 - v0
+                block = n_sup if in_dw else split_rows(n_sup, vocab, hidden_size, v0, width)
+                for r0 in range(0, n_sup, block):
+                    r1 = min(n_sup, r0 + block)
+                    # (r1 - r0, width): dW's last elements, beyond dw[v1:] (in_dw) or at least beyond dw[:v0]
+                    tile = dw_flat[dw_flat.numel() - (r1 - r0) * width:].view(r1 - r0, width)
+                    torch.mm(h[r0:r1], weight[v0:v1].t(), out=tile)
+                    t, t_index = (targets[r0:r1], None) if rows is None else (targets, rows[r0:r1])
+                    ce_rows(tile, t, lse[r0:r1], None, softcap=softcap, grad_out=tile, grad_scale=one,
+                            compute_lse=False, col_offset=v0, row_index=t_index)
+                    if in_dw:
+                        torch.mm(tile.t(), h, out=dw[v0:v1])
+                    else:
+                        _accumulate_dw(tail_acc[:width], tile, h[r0:r1], first=r0 == 0)
+                if not in_dw:
+                    dw[v0:v1].copy_(tail_acc[:width])
+            del tail_acc, tile, dw_flat
+        del h, lse
+        if need_dh and rows is not None:
+            del rows
+            scatter_rows_home(dh, targets, n_sup)
 
     if dh is None:
         dh = hidden.new_empty(0)  # outputs of a custom op must not alias each other
     if dw is None:
         dw = hidden.new_empty(0)
-    return loss.sum(), n_supervised, dh, dw
+    return loss_sum, n_supervised, dh, dw
 
 
 @torch.library.custom_op("fastsft::linear_cross_entropy", mutates_args=())

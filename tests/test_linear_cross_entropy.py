@@ -4,6 +4,7 @@ both gradients, ignored rows in both placements of the gathered rows, row and vo
 scatter of dh, torch.compile, the reference fallback where Triton cannot run, bad input."""
 
 import importlib
+import json
 import textwrap
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsft.kernels._ce_rows as ce_rows_mod
+import fastsft.kernels._scatter_rows as scatter_mod
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 # By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
@@ -101,17 +103,21 @@ def test_matches_reference(monkeypatch, layout, dtype, softcap, ignored_fraction
     assert_close(got, want, dtype, ignored_fraction)
 
 
-@pytest.mark.parametrize("n_rows,n_sup,block_rows", [(41, 17, 3), (41, 20, 1), (40, 40, 7), (33, 1, 4)])
-def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, block_rows):
-    # Sorted destinations with runs of rows[k] == k and large jumps: every overlap case of the blockwise move.
+@pytest.mark.parametrize("n_rows,n_sup,hidden_size,block_rows,block_cols,dtype", [
+    (41, 17, 6, 2, None, torch.float32), (41, 20, 7, 1, 2, torch.bfloat16), (40, 40, 5, 4, None, torch.float32),
+    (33, 1, 3, 4, 2, torch.float32), (64, 63, 9, 8, 4, torch.bfloat16), (29, 0, 4, 8, None, torch.float32)])
+def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, hidden_size, block_rows, block_cols, dtype):
+    # Sorted destinations with runs of rows[k] == k and large jumps: every overlap case of the blockwise move, over
+    # several row blocks and (block_cols) several programs of column slices.
     gen = torch.Generator().manual_seed(n_rows * 100 + n_sup)
     rows = torch.randperm(n_rows, generator=gen)[:n_sup].sort().values
-    valid = torch.zeros(n_rows, dtype=torch.bool)
-    valid[rows] = True
-    dh = torch.randn(n_rows, 6, generator=gen) + 3.0  # never zero: a missed zero-fill or move shows
+    targets = torch.full((n_rows,), -1)
+    targets[rows] = torch.randint(0, 50, (n_sup,), generator=gen)
+    dh = (torch.randn(n_rows, hidden_size, generator=gen) + 3.0).to(dtype)  # never zero: a missed move shows
     want = torch.zeros_like(dh).index_copy_(0, rows, dh[:n_sup])
-    monkeypatch.setattr(lce_mod, "SCATTER_BYTES", block_rows * 6 * 4)
-    lce_mod._scatter_rows_in_place(dh, rows, valid)
+    monkeypatch.setattr(scatter_mod, "INTERPRETED_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(scatter_mod, "INTERPRETED_BLOCK_COLS", block_cols)
+    scatter_mod.scatter_rows_home(dh, targets, n_sup)
     assert torch.equal(dh, want)
 
 
@@ -129,7 +135,10 @@ def test_vocab_chunks_keep_the_tile_in_unwritten_dw(monkeypatch, n_rows, hidden_
         assert 0 < v1 - v0 <= (cols if in_dw else min(cols, tail))
         if in_dw:  # the tile, dW's last n_rows * width elements, starts at or after row v1
             assert n_rows * (v1 - v0) <= (vocab - v1) * hidden_size
-    # Full-width chunks while they fit, then narrower ones, then the spare buffer for only the very end of V.
+        else:  # a row block's tile starts at or after row v0 (its own rows are written from the accumulator last)
+            block = lce_mod.split_rows(n_rows, vocab, hidden_size, v0, v1 - v0)
+            assert 1 <= block <= n_rows and block * (v1 - v0) <= (vocab - v0) * hidden_size
+    # Full-width chunks while they fit, then narrower ones, then split chunks for only the very end of V.
     flags = [in_dw for _, _, in_dw in chunks]
     assert flags == sorted(flags, reverse=True)
     widths = [v1 - v0 for v0, v1, in_dw in chunks if in_dw]
@@ -137,21 +146,26 @@ def test_vocab_chunks_keep_the_tile_in_unwritten_dw(monkeypatch, n_rows, hidden_
     narrow = [w for w in widths if w < cols]
     tail_cols = sum(v1 - v0 for v0, v1, in_dw in chunks if not in_dw)
     assert tail_cols <= tail * (n_rows + hidden_size) / hidden_size + tail
-    if vocab == 65536:  # the H100 bench shape: 112 chunks of 512, then narrower ones, spare-buffer ones at the end
+    if vocab == 65536:  # the H100 bench shape: 112 chunks of 512, then narrower ones, split ones at the end
         assert len(narrow) > 3 and 0 < tail_cols < 0.05 * vocab
 
 
 @pytest.mark.parametrize("dtype,ignored_fraction", [(torch.float32, 0.25), (torch.bfloat16, 0.75)])
 def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction):
-    # Small sizes where the tile shrinks several times and then moves to the spare buffer. Before each pass-B chunk
-    # everything of dW not yet written and not holding the tile is poisoned with NaN: a slice left unwritten, a tile
-    # over an already written slice, or a matmul reading the slice it writes shows in the gradients.
+    # Small sizes where the tile shrinks several times and the last chunks go in row blocks (more supervised rows
+    # than H, so a split chunk needs several blocks). Before each pass-B tile everything of dW not yet written and
+    # not holding the tile is poisoned with NaN: a slice left unwritten, a tile over an already written slice, or a
+    # matmul reading the slice it writes shows in the gradients.
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "TAIL_COLS", 8)
-    case = make_case(dtype, ignored_fraction, seed=31)
+    n = 120
+    case = make_case(dtype, ignored_fraction, seed=31, n=n)
     n_sup = int((case[2] != -1).sum())
     schedule = lce_mod.vocab_chunks(n_sup, V, H, dtype)
     assert sum(in_dw and v1 - v0 < 64 for v0, v1, in_dw in schedule) >= 2 and not schedule[-1][2]
+    blocks = [(v0, v1, in_dw, r0) for v0, v1, in_dw in schedule
+              for r0 in range(0, n_sup, n_sup if in_dw else lce_mod.split_rows(n_sup, V, H, v0, v1 - v0))]
+    assert ignored_fraction > 0.5 or any(r0 > 0 for *_, r0 in blocks)  # a split chunk of several row blocks
     seen = []
     real_ce_rows = lce_mod.ce_rows
 
@@ -161,18 +175,62 @@ def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction)
         v0, width = kw["col_offset"], logits.shape[1]
         storage = logits.untyped_storage()
         whole = torch.empty(0, dtype=dtype).set_(storage)  # flat view of the storage the tile lives in
-        in_dw = whole.numel() == V * H
+        assert whole.numel() == V * H  # every tile lives in dW
         start = (logits.data_ptr() - storage.data_ptr()) // logits.element_size()
-        if in_dw:
-            assert start + logits.numel() == V * H and start >= (v0 + width) * H
-            whole[v0 * H:start] = float("nan")
+        in_dw = next(flag for c0, _, flag in schedule if c0 == v0)
+        assert start + logits.numel() == V * H and start >= (v0 + width if in_dw else v0) * H
+        whole[(v0 + width) * H if in_dw else v0 * H:start] = float("nan")
         seen.append((v0, v0 + width, in_dw))
         return real_ce_rows(logits, targets, lse, loss, **kw)
 
     monkeypatch.setattr(lce_mod, "ce_rows", poisoning_ce_rows)
     got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
-    assert seen == schedule
+    assert seen == [b[:3] for b in blocks]
     assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), dtype, ignored_fraction)
+
+
+def peak_bytes_allocated(fn, trace_path):
+    """Peak of the CPU allocator's live bytes while fn() runs, above what was live at its start (profiler trace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace_path))
+    events = [e for e in json.loads(trace_path.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    events.sort(key=lambda e: e["ts"])
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start
+
+
+@pytest.mark.parametrize("ignored_fraction", [0.5, 0.0])
+def test_workspace_beyond_the_gradients_is_two_vectors_and_the_tail_accumulator(monkeypatch, tmp_path,
+                                                                                  ignored_fraction):
+    # The low_memory layout's whole forward + backward may hold, besides the two gradients: lse and the row indices
+    # (M,), one chunk of per-row losses and the (TAIL_COLS, H) fp32 accumulator of the split chunks; no staging copy
+    # of dh, no gathered targets, no tile outside dW. fp32, because the CPU's bf16 matmul into `out=` makes a
+    # temporary of its own. Half ignored: the gathered rows exactly fill dh's spare rows (the bench's case).
+    monkeypatch.setattr(lce_mod, "VOCAB_CHUNK_BYTES", 0)
+    monkeypatch.setattr(lce_mod, "MIN_VOCAB_CHUNK", 64)
+    n, hidden_size, vocab = 96, 16, 600
+    gen = torch.Generator().manual_seed(41)
+    hidden = torch.randn(n, hidden_size, generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.1).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[torch.randperm(n, generator=gen)[: round(ignored_fraction * n)]] = -1
+    m = int((targets >= 0).sum())
+    schedule = lce_mod.vocab_chunks(m, vocab, hidden_size, torch.float32)
+    assert any(lce_mod.split_rows(m, vocab, hidden_size, v0, v1 - v0) < m for v0, v1, in_dw in schedule if not in_dw)
+
+    def step():
+        loss, _ = linear_cross_entropy(hidden, weight, targets)
+        loss.backward()
+
+    peak = peak_bytes_allocated(step, tmp_path / "trace.json")
+    gradients = 4 * (n + vocab) * hidden_size
+    gathered = m < n
+    budget = 4 * m * (1 + gathered) + 4 * lce_mod.rows_per_chunk(m, vocab, hidden_size) \
+        + 4 * lce_mod.TAIL_COLS * hidden_size + 1024  # the last term: scalars
+    assert gradients < peak <= gradients + budget, (peak - gradients, budget)
 
 
 @pytest.mark.parametrize("layout", ["low_memory", "fast"])
