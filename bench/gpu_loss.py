@@ -55,6 +55,9 @@ FAST_SWEEPS = [
 ]
 
 
+PROFILE_KNOBS = [{}, dict(TAIL_COLS=32)]
+
+
 def log(*args):
     print(*args, flush=True)
 
@@ -302,6 +305,39 @@ def lce_breakdown(rows, shape):
         log(rows[-1])
 
 
+def lce_profile(rows, shape, knobs, top=6):
+    """torch.profiler over one forward+backward of the default layout: wall time, summed GPU kernel time, and the
+    kernels that take it (by name, with counts). Shows whether narrow chunks are host-bound or slow in cuBLAS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, h, v, ignored = shape
+    hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
+    default = {k: getattr(lce_mod, k) for k in knobs}
+    for k, val in knobs.items():
+        setattr(lce_mod, k, val)
+    step = fwd_bwd(lambda: linear_cross_entropy(hidden, weight, targets)[0], hidden, weight)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    for k, val in default.items():
+        setattr(lce_mod, k, val)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in kernels) / 1e3
+    case = f"profile N={n} H={h} V={v} ign={ignored} {knobs or 'defaults'}"
+    rows.append(dict(kind="profile", case=case, impl="whole call", ms=round(wall, 2), gpu_ms=round(gpu, 2)))
+    log(rows[-1])
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        rows.append(dict(kind="profile", case=case, impl=e.key[:70], gpu_ms=round(e.self_device_time_total / 1e3, 3),
+                         count=e.count))
+        log(rows[-1])
+    del hidden, weight, targets
+    torch.cuda.empty_cache()
+
+
 def lm_head_ce(rows):
     """Materialized logits after an lm_head: where inplace_backward saves the (N, V) gradient buffer."""
     n, h, v = 32768, 1024, 65536
@@ -392,6 +428,10 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
                         fast_sweep=None if quick else fast_sweep)
     if "breakdown" in parts:
         lce_breakdown(rows, LCE_SHAPES[0])
+    if "profile" in parts:
+        for shape in LCE_SHAPES:
+            for knobs in PROFILE_KNOBS:
+                lce_profile(rows, shape, knobs)
     if "ce" in parts:
         ce_bench(rows)
         lm_head_ce(rows)

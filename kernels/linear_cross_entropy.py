@@ -18,11 +18,12 @@ dtype, except the last TAIL_COLS-wide chunks of pass B, which sum a few row bloc
 (V, H) or (M, H) fp32 accumulator. The gradient outputs double as workspace while not yet written: pass A's logits
 chunk (H rows x V) lives in the dW output, the gathered rows in the spare rows of the dh output (dh of the supervised
 rows is written densely at its top and moved home in place at the end, kernels/_scatter_rows.py), and so does pass
-B's logits tile: chunk [v0, v1) keeps it in the last elements of dW, beyond row v1, i.e. in rows no chunk has
-written yet and disjoint from the slice it writes; near the end of V the chunks shrink to fit (vocab_chunks), and
-the last few hundred columns, where no tile of all M rows fits, go in row blocks (split_rows) summed in a
-(TAIL_COLS, H) fp32 accumulator. What remains beyond the gradients: that accumulator (64 KiB at H=1024) and two
-(M,) vectors (lse, row indices); plus the gathered rows when fewer than half the targets are ignored.
+B's logits tile: in the rows of dh beyond the gathered ones when those hold a chunk, else in the last elements of
+dW, beyond row v1 of chunk [v0, v1), i.e. in rows no chunk has written yet and disjoint from the slice it writes;
+there the chunks shrink near the end of V to fit (vocab_chunks), and the last few hundred columns, where no tile
+of all M rows fits, go in row blocks (split_rows) summed in a (TAIL_COLS, H) fp32 accumulator. What remains beyond
+the gradients: that accumulator (64 KiB at H=1024) and two (M,) vectors (lse, row indices); plus the gathered rows
+when fewer than half the targets are ignored.
 Pick it when memory is tight (large vocabularies, long rows): bench/RESULTS.md has its time and memory beside CCE's.
 
 layout="fast": one pass over row chunks of >= FAST_MIN_ROWS rows, 3 matmuls: logits_c = h_c @ W^T; row kernel
@@ -30,7 +31,8 @@ layout="fast": one pass over row chunks of >= FAST_MIN_ROWS rows, 3 matmuls: log
 (cuBLAS with fp32 output), cast to the weight dtype at the end. Workspace: the logits chunk (FAST_CHUNK_BYTES, at
 least FAST_MIN_ROWS rows; it lives in the dW output when that holds it, i.e. chunk <= H rows), the fp32
 accumulator (for bf16 weights; an fp32 weight accumulates in its dW output) and the gathered rows when they do not
-fit dh's spare rows. Same machine, run and shapes as above: 13.6 ms (0.35x CCE) at 576 MiB above the inputs (3.0x
+fit dh's spare rows. H100 80GB, torch 2.11 + CUDA 13, triton 3.6, 2026-11-25, N=32768, H=1024, V=65536, half
+ignored: 13.6 ms (0.35x CCE) at 576 MiB above the inputs (3.0x
 CCE); at N=16384, H=2048, V=151936, nothing ignored: 52.3 ms / 1847 MiB (2.8x CCE). Pick it when step time
 matters more than a few hundred MiB, the usual case in training (the op runs once per micro-batch, at the end).
 
@@ -60,18 +62,20 @@ from ._scatter_rows import scatter_rows_home
 
 LAYOUTS = ("low_memory", "fast")
 
-# Pass B's logits tile (M rows x a vocabulary chunk, input dtype): the one sizeable buffer beyond the outputs. Each
-# chunk costs 3 launches and re-reads the gathered rows twice, so narrow tiles cost time. H100 sweep at M=16384,
-# H=1024, V=65536 (bench/RESULTS.md): 128 columns 53 ms, 256: 32 ms, 384: 44 ms, 512: 21 ms, 1024: 19 ms, 2048:
-# 18.5 ms. Hence 16 MiB but at least MIN_VOCAB_CHUNK columns, in multiples of 256 (384 was slow).
+# Pass B's logits tile (M rows x a vocabulary chunk, input dtype). Each chunk costs 3 launches and re-reads the
+# gathered rows twice, so narrow tiles cost time. H100 sweep at M=16384, H=1024, V=65536 with the tile a buffer of
+# its own (bench/RESULTS.md): 128 columns 53 ms, 256: 32 ms, 384: 44 ms, 512: 21 ms, 1024: 19 ms, 2048: 18.5 ms.
+# Hence 16 MiB but at least MIN_VOCAB_CHUNK columns, in multiples of 256 (384 was slow). Now that the tile lives in
+# memory the op holds anyway (vocab_chunks), a wider one also starts shrinking earlier in dW: 32 MiB took 39.8 ms
+# against 16 MiB's 21.3 (H200, 2026-12-01).
 VOCAB_CHUNK_BYTES = 16 * 2**20
 MIN_VOCAB_CHUNK = 512
-# Pass B's last chunks, once the unwritten end of dW cannot hold a tile of this many columns over all M rows: they
-# are this wide, their rows go in blocks (split_rows) and an fp32 (TAIL_COLS, H) accumulator sums the blocks. Narrow
-# chunks cost time (each re-reads the gathered rows twice: 1/17 of the remaining columns per chunk at M=16H), so
-# wider is faster, at 4 * H bytes per column of accumulator. H100, torch 2.11, triton 3.6, N=32768 H=1024 V=65536
-# half ignored, when the tail was a separate (M, TAIL_COLS) tile instead (ms / MiB above the inputs): TAIL_COLS 128:
-# 21.4 / 196.4; 16: 22.8 / 194.4; 8: 26.0 / 194.4 (the 194.4 was a 2 MiB staging copy of the dh scatter, now gone).
+# Pass B's last chunks, once neither dW's unwritten end nor dh's spare rows hold a tile of this many columns over all
+# M rows: they are this wide, their rows go in blocks (split_rows) and an fp32 (TAIL_COLS, H) accumulator sums the
+# blocks. Each narrow chunk re-reads the gathered rows twice, and cuBLAS's kernels for narrow widths vary: H200,
+# torch 2.11, triton 3.6, N=32768 H=1024 V=65536 half ignored (ms, all at 192.19 MiB above the inputs): TAIL_COLS 8:
+# 26.9, 16: 21.3, 32: 29.8, 64: 29.8 (2026-12-01). Before, the tail was an (M, TAIL_COLS) tile of its own (H100: 16
+# columns 22.8 ms at 194.4 MiB, 2 MiB of which a staging copy of the dh scatter, both gone now).
 TAIL_COLS = 16
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
@@ -149,32 +153,43 @@ def vocab_per_chunk(n_rows, vocab, dtype):
     return max(1, min(vocab, cols))
 
 
-def vocab_chunks(n_rows, vocab, hidden_size, dtype):
-    """Pass B's walk over the vocabulary: [(v0, v1, in_dw)], in order, covering [0, vocab).
+def _round_width(width, cols):
+    """A width below the full chunk width, rounded down: 384 columns were slow in the sweep above; multiples of 8
+    keep bf16 rows 16-byte aligned for cuBLAS."""
+    if width < cols and width >= 8:
+        width -= width % (256 if width >= 256 else 128 if width >= 128 else 8)
+    return width
 
-    in_dw: chunk [v0, v1) keeps its (n_rows, v1 - v0) logits tile in the last n_rows * (v1 - v0) elements of the
-    (vocab, hidden_size) dW output, beyond row v1 (never written before this chunk, so free, and disjoint from the
-    slice the chunk writes) iff width * (n_rows + hidden_size) <= (vocab - v0) * hidden_size, and writes dW[v0:v1]
-    with one matmul. Chunks are vocab_per_chunk wide while that holds, then shrink to the widest that fits
-    (multiples of 256, 128, then 8: each step takes a share hidden_size / (n_rows + hidden_size) of what is left,
-    so the widths fall geometrically over the last few % of V).
-    Below TAIL_COLS columns no tile of all n_rows rows fits any more (the last chunk only has its own rows), so the
-    rest goes in TAIL_COLS-wide split chunks (in_dw False): rows in blocks of split_rows, each block's tile again
-    in dW's unwritten end (own rows included), summed in a small fp32 (TAIL_COLS, hidden_size) accumulator that is
-    cast into dW[v0:v1] after the last block.
+
+def vocab_chunks(n_rows, vocab, hidden_size, dtype, spare=0):
+    """Pass B's walk over the vocabulary: [(v0, v1, place)], in order, covering [0, vocab). Each chunk's
+    (n_rows, v1 - v0) logits tile lives in memory the op already holds, by `place`:
+
+    "dw": in the last n_rows * (v1 - v0) elements of the (vocab, hidden_size) dW output, beyond row v1 (never
+    written before this chunk, so free, and disjoint from the slice the chunk writes) iff width * (n_rows +
+    hidden_size) <= (vocab - v0) * hidden_size; dW[v0:v1] is one matmul. Chunks are vocab_per_chunk wide while that
+    holds, then shrink to the widest that fits (each step takes a share hidden_size / (n_rows + hidden_size) of
+    what is left, so the widths fall geometrically over the last few % of V).
+    "spare": in `spare` elements of the dh output that hold nothing during pass B (the rows beyond the gathered
+    ones); chosen whenever they fit a chunk at least as wide as "dw" would, so the walk never shrinks below them.
+    "split": once neither fits TAIL_COLS columns of all n_rows rows (the last chunk only has its own rows), the
+    rest goes in TAIL_COLS-wide chunks whose rows go in blocks of split_rows, each block's tile again in dW's
+    unwritten end (own rows included), summed in a small fp32 (TAIL_COLS, hidden_size) accumulator that is cast
+    into dW[v0:v1] after the last block.
     """
     cols = vocab_per_chunk(n_rows, vocab, dtype)
     tail = max(1, min(cols, TAIL_COLS))
+    in_spare = _round_width(min(cols, spare // max(1, n_rows)), cols)
     chunks, v0 = [], 0
     while v0 < vocab:
-        width = min(cols, (vocab - v0) * hidden_size // (n_rows + hidden_size))
-        if width < cols and width >= 8:  # a full-width chunk keeps vocab_per_chunk's width
-            # 384 columns were slow in the sweep above; multiples of 8 keep bf16 rows 16-byte aligned for cuBLAS
-            width -= width % (256 if width >= 256 else 128 if width >= 128 else 8)
-        in_dw = width >= tail
-        if not in_dw:
-            width = min(tail, vocab - v0)
-        chunks.append((v0, v0 + width, in_dw))
+        in_dw = _round_width(min(cols, (vocab - v0) * hidden_size // (n_rows + hidden_size)), cols)
+        if in_spare >= max(in_dw, tail):
+            place, width = "spare", min(in_spare, vocab - v0)
+        elif in_dw >= tail:
+            place, width = "dw", in_dw
+        else:
+            place, width = "split", min(tail, vocab - v0)
+        chunks.append((v0, v0 + width, place))
         v0 += width
     return chunks
 
@@ -228,12 +243,15 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
     dh = alloc(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None  # (N, H)
     dw = alloc(weight.shape, dtype=weight.dtype, device=device) if need_dw and not dw_late else None  # (V, H)
 
+    parked = rows is not None and need_dh and 2 * n_sup <= n_rows
     if rows is None:
         h = hidden
-    elif need_dh and 2 * n_sup <= n_rows:  # the spare rows of dh hold the gathered rows until the last matmul
+    elif parked:  # the spare rows of dh hold the gathered rows until the last matmul
         h = torch.index_select(hidden, 0, rows, out=dh[n_sup:2 * n_sup])  # (M, H)
     else:
         h = hidden.index_select(0, rows)  # (M, H)
+    # dh's rows beyond the supervised ones and the parked rows: free until the scatter (pass B's tiles may go there)
+    spare = dh.view(-1)[(2 if parked else 1) * n_sup * hidden_size:] if need_dh and rows is not None else None
     dh_sup = dh[:n_sup] if need_dh else None  # (M, H): dense at the top of dh, scattered home at the end
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -279,30 +297,34 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
         # Pass B (layout "low_memory"): dW per vocabulary chunk over all supervised rows, with pass A's lse. The
         # logits tile lives in the unwritten end of dW (vocab_chunks); the last narrow chunks go in row blocks.
         if need_dw and not fast:
-            schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype)
-            tail_cols = max((v1 - v0 for v0, v1, in_dw in schedule if not in_dw), default=0)
+            schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype, 0 if spare is None else spare.numel())
+            tail_cols = max((v1 - v0 for v0, v1, place in schedule if place == "split"), default=0)
             tail_acc = (torch.empty(tail_cols, hidden_size, dtype=torch.float32, device=device) if tail_cols
                         else None)  # (TAIL_COLS, H)
             dw_flat = dw.view(-1)
-            for v0, v1, in_dw in schedule:
+            for v0, v1, place in schedule:
                 width = v1 - v0
-                block = n_sup if in_dw else split_rows(n_sup, vocab, hidden_size, v0, width)
+                split = place == "split"
+                block = split_rows(n_sup, vocab, hidden_size, v0, width) if split else n_sup
                 for r0 in range(0, n_sup, block):
                     r1 = min(n_sup, r0 + block)
-                    # (r1 - r0, width): dW's last elements, beyond dw[v1:] (in_dw) or at least beyond dw[:v0]
-                    tile = dw_flat[dw_flat.numel() - (r1 - r0) * width:].view(r1 - r0, width)
+                    # (r1 - r0, width): in dh's spare rows, or dW's last elements, beyond dw[v1:] ("dw") or at
+                    # least beyond dw[:v0] ("split")
+                    size = (r1 - r0) * width
+                    tile = (spare[:size] if place == "spare" else dw_flat[dw_flat.numel() - size:]).view(
+                        r1 - r0, width)
                     torch.mm(h[r0:r1], weight[v0:v1].t(), out=tile)
                     t, t_index = (targets[r0:r1], None) if rows is None else (targets, rows[r0:r1])
                     ce_rows(tile, t, lse[r0:r1], None, softcap=softcap, grad_out=tile, grad_scale=one,
                             compute_lse=False, col_offset=v0, row_index=t_index)
-                    if in_dw:
-                        torch.mm(tile.t(), h, out=dw[v0:v1])
-                    else:
+                    if split:
                         _accumulate_dw(tail_acc[:width], tile, h[r0:r1], first=r0 == 0)
-                if not in_dw:
+                    else:
+                        torch.mm(tile.t(), h, out=dw[v0:v1])
+                if split:
                     dw[v0:v1].copy_(tail_acc[:width])
             del tail_acc, tile, dw_flat
-        del h, lse
+        del h, lse, spare
         if need_dh and rows is not None:
             del rows
             scatter_rows_home(dh, targets, n_sup)

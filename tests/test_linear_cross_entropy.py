@@ -121,51 +121,75 @@ def test_in_place_scatter_matches_index_copy(monkeypatch, n_rows, n_sup, hidden_
     assert torch.equal(dh, want)
 
 
-@pytest.mark.parametrize("n_rows,hidden_size,vocab,cols,tail", [
-    (28, 50, 203, 64, 8), (9, 50, 203, 64, 8), (16384, 1024, 65536, 512, 128), (16384, 2048, 151936, 512, 128),
-    (3000, 7, 1001, 300, 1), (5, 3, 11, 64, 64)])
-def test_vocab_chunks_keep_the_tile_in_unwritten_dw(monkeypatch, n_rows, hidden_size, vocab, cols, tail):
+@pytest.mark.parametrize("n_rows,hidden_size,vocab,cols,tail,spare_cols", [
+    (28, 50, 203, 64, 8, 0), (9, 50, 203, 64, 8, 0), (16384, 1024, 65536, 512, 128, 0),
+    (16384, 2048, 151936, 512, 128, 0), (3000, 7, 1001, 300, 1, 0), (5, 3, 11, 64, 64, 0),
+    (24576, 1024, 65536, 512, 16, 341), (24576, 1024, 65536, 256, 16, 1000), (28, 50, 203, 64, 8, 9.5),
+    (28, 50, 203, 64, 8, 7.9)])
+def test_vocab_chunks_keep_the_tile_in_free_memory(monkeypatch, n_rows, hidden_size, vocab, cols, tail, spare_cols):
+    # spare_cols: dh's free rows hold a tile of that many columns of all n_rows rows (the 24576 cases: a quarter of
+    # 32768 targets ignored, so dh[M:N] is free).
     monkeypatch.setattr(lce_mod, "VOCAB_CHUNK_BYTES", 0)
     monkeypatch.setattr(lce_mod, "MIN_VOCAB_CHUNK", cols)
     monkeypatch.setattr(lce_mod, "TAIL_COLS", tail)
-    chunks = lce_mod.vocab_chunks(n_rows, vocab, hidden_size, torch.bfloat16)
+    spare = int(spare_cols * n_rows)
+    chunks = lce_mod.vocab_chunks(n_rows, vocab, hidden_size, torch.bfloat16, spare)
     assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == vocab  # in order, all
     cols = min(cols, vocab)
-    for v0, v1, in_dw in chunks:
-        assert 0 < v1 - v0 <= (cols if in_dw else min(cols, tail))
-        if in_dw:  # the tile, dW's last n_rows * width elements, starts at or after row v1
+    for v0, v1, place in chunks:
+        assert 0 < v1 - v0 <= (min(cols, tail) if place == "split" else cols)
+        if place == "dw":  # the tile, dW's last n_rows * width elements, starts at or after row v1
             assert n_rows * (v1 - v0) <= (vocab - v1) * hidden_size
+        elif place == "spare":
+            assert n_rows * (v1 - v0) <= spare
         else:  # a row block's tile starts at or after row v0 (its own rows are written from the accumulator last)
+            assert place == "split"
             block = lce_mod.split_rows(n_rows, vocab, hidden_size, v0, v1 - v0)
             assert 1 <= block <= n_rows and block * (v1 - v0) <= (vocab - v0) * hidden_size
-    # Full-width chunks while they fit, then narrower ones, then split chunks for only the very end of V.
-    flags = [in_dw for _, _, in_dw in chunks]
-    assert flags == sorted(flags, reverse=True)
-    widths = [v1 - v0 for v0, v1, in_dw in chunks if in_dw]
+    # Full-width chunks in dW while they fit, then narrower ones, then (for only the very end of V) split chunks, or
+    # from where dh's spare rows hold a wider tile, spare chunks of one width to the end and no split ones.
+    places = [place for _, _, place in chunks]
+    first_other = next((i for i, p in enumerate(places) if p != "dw"), len(places))
+    assert len(set(places[first_other:])) <= 1
+    widths = [v1 - v0 for v0, v1, place in chunks if place == "dw"]
     assert widths == sorted(widths, reverse=True)
+    spare_widths = {v1 - v0 for v0, v1, place in chunks[:-1] if place == "spare"}
+    assert len(spare_widths) <= 1 and ("split" not in places if spare_cols >= tail else "spare" not in places)
     narrow = [w for w in widths if w < cols]
-    tail_cols = sum(v1 - v0 for v0, v1, in_dw in chunks if not in_dw)
+    tail_cols = sum(v1 - v0 for v0, v1, place in chunks if place == "split")
     assert tail_cols <= tail * (n_rows + hidden_size) / hidden_size + tail
-    if vocab == 65536:  # the H100 bench shape: 112 chunks of 512, then narrower ones, split ones at the end
+    if vocab == 65536 and not spare:  # the bench shape: 112 chunks of 512, then narrower ones, split ones at the end
         assert len(narrow) > 3 and 0 < tail_cols < 0.05 * vocab
+    if spare_cols >= cols:
+        assert places == ["spare"] * len(places)
 
 
-@pytest.mark.parametrize("dtype,ignored_fraction", [(torch.float32, 0.25), (torch.bfloat16, 0.75)])
+@pytest.mark.parametrize("dtype,ignored_fraction", [(torch.float32, 0.25), (torch.bfloat16, 0.75),
+                                                   (torch.float32, 0.5)])
 def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction):
-    # Small sizes where the tile shrinks several times and the last chunks go in row blocks (more supervised rows
-    # than H, so a split chunk needs several blocks). Before each pass-B tile everything of dW not yet written and
-    # not holding the tile is poisoned with NaN: a slice left unwritten, a tile over an already written slice, or a
-    # matmul reading the slice it writes shows in the gradients.
+    # Small sizes covering the three walks: half ignored, so dh has no spare rows: the tile shrinks several times in
+    # dW and the last chunks go in row blocks (more supervised rows than H, so a split chunk needs several); a
+    # quarter ignored: dh's spare rows take over once the dW tile would be narrower than they hold; three quarters:
+    # every tile in dh's spare rows. Before each pass-B tile in dW, everything of dW not yet written and not holding
+    # the tile is poisoned with NaN: a slice left unwritten, a tile over an already written slice, or a matmul
+    # reading the slice it writes shows in the gradients.
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "TAIL_COLS", 8)
     n = 120
     case = make_case(dtype, ignored_fraction, seed=31, n=n)
     n_sup = int((case[2] != -1).sum())
-    schedule = lce_mod.vocab_chunks(n_sup, V, H, dtype)
-    assert sum(in_dw and v1 - v0 < 64 for v0, v1, in_dw in schedule) >= 2 and not schedule[-1][2]
-    blocks = [(v0, v1, in_dw, r0) for v0, v1, in_dw in schedule
-              for r0 in range(0, n_sup, n_sup if in_dw else lce_mod.split_rows(n_sup, V, H, v0, v1 - v0))]
-    assert ignored_fraction > 0.5 or any(r0 > 0 for *_, r0 in blocks)  # a split chunk of several row blocks
+    spare = n - (2 if 2 * n_sup <= n else 1) * n_sup  # dh's rows beyond the gathered ones, free during pass B
+    schedule = lce_mod.vocab_chunks(n_sup, V, H, dtype, spare * H)
+    places = [place for *_, place in schedule]
+    narrow_in_dw = sum(place == "dw" and v1 - v0 < 64 for v0, v1, place in schedule)
+    blocks = [(v0, v1, place, r0) for v0, v1, place in schedule for r0 in range(
+        0, n_sup, lce_mod.split_rows(n_sup, V, H, v0, v1 - v0) if place == "split" else n_sup)]
+    if ignored_fraction == 0.5:
+        assert spare == 0 and narrow_in_dw >= 2 and places[-1] == "split" and any(r0 > 0 for *_, r0 in blocks)
+    elif ignored_fraction == 0.25:
+        assert narrow_in_dw >= 2 and places[-1] == "spare" and "split" not in places
+    else:
+        assert set(places) == {"spare"}
     seen = []
     real_ce_rows = lce_mod.ce_rows
 
@@ -175,12 +199,15 @@ def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction)
         v0, width = kw["col_offset"], logits.shape[1]
         storage = logits.untyped_storage()
         whole = torch.empty(0, dtype=dtype).set_(storage)  # flat view of the storage the tile lives in
-        assert whole.numel() == V * H  # every tile lives in dW
         start = (logits.data_ptr() - storage.data_ptr()) // logits.element_size()
-        in_dw = next(flag for c0, _, flag in schedule if c0 == v0)
-        assert start + logits.numel() == V * H and start >= (v0 + width if in_dw else v0) * H
-        whole[(v0 + width) * H if in_dw else v0 * H:start] = float("nan")
-        seen.append((v0, v0 + width, in_dw))
+        place = next(p for c0, _, p in schedule if c0 == v0)
+        if place == "spare":  # in dh, past the supervised (and parked) rows
+            assert whole.numel() == n * H and start == (n - spare) * H
+        else:
+            assert whole.numel() == V * H
+            assert start + logits.numel() == V * H and start >= (v0 + width if place == "dw" else v0) * H
+            whole[(v0 + width) * H if place == "dw" else v0 * H:start] = float("nan")
+        seen.append((v0, v0 + width, place))
         return real_ce_rows(logits, targets, lse, loss, **kw)
 
     monkeypatch.setattr(lce_mod, "ce_rows", poisoning_ce_rows)
@@ -218,8 +245,9 @@ def test_workspace_beyond_the_gradients_is_two_vectors_and_the_tail_accumulator(
     targets = torch.randint(0, vocab, (n,), generator=gen)
     targets[torch.randperm(n, generator=gen)[: round(ignored_fraction * n)]] = -1
     m = int((targets >= 0).sum())
-    schedule = lce_mod.vocab_chunks(m, vocab, hidden_size, torch.float32)
-    assert any(lce_mod.split_rows(m, vocab, hidden_size, v0, v1 - v0) < m for v0, v1, in_dw in schedule if not in_dw)
+    schedule = lce_mod.vocab_chunks(m, vocab, hidden_size, torch.float32, 0)  # half or none ignored: no spare rows
+    assert any(lce_mod.split_rows(m, vocab, hidden_size, v0, v1 - v0) < m for v0, v1, place in schedule
+               if place == "split")
 
     def step():
         loss, _ = linear_cross_entropy(hidden, weight, targets)
