@@ -33,6 +33,9 @@ from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 GiB = 2**30
+# do_bench's time budget per measurement: ~10 runs of a 30 ms call (runs of the same code differed by up to 40%
+# with 60 ms, i.e. medians of 2-3 runs)
+REP_MS = 300
 LCE_SHAPES = [  # (N, H, V, fraction of targets ignored)
     (32768, 1024, 65536, 0.5),
     (16384, 2048, 151936, 0.0),
@@ -80,7 +83,9 @@ def fwd_bwd(loss_fn, *tensors):
     return step
 
 
-def time_and_memory(step, tensors):
+def time_and_memory(step, tensors, host=False):
+    """(median ms, peak GiB above the inputs[, median host ms]). Host ms: how long the Python call takes to return
+    after a synchronize, i.e. to enqueue everything; near the device time means the op is host-bound."""
     step()  # warm-up / compile
     torch.cuda.synchronize()
     for t in tensors:
@@ -91,9 +96,18 @@ def time_and_memory(step, tensors):
     step()
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / GiB
-    ms = triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median")
+    ms = triton.testing.do_bench(step, warmup=25, rep=REP_MS, return_mode="median")
+    host_ms = []
+    for _ in range(5 if host else 0):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     for t in tensors:
         t.grad = None
+    if host:
+        return ms, extra, sorted(host_ms)[2]
     return ms, extra
 
 
@@ -200,9 +214,10 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
 
     def add(impl, fn, **extra):
         try:
-            ms, mem = time_and_memory(fwd_bwd(lambda: fn(hidden, weight, targets), *tensors), tensors)
-            rows.append(dict(kind="time", case=case, impl=impl, ms=round(ms, 3), extra_GiB=round(mem, 4),
-                             extra_MiB=round(mem * 1024, 3), **extra))
+            ms, mem, host = time_and_memory(fwd_bwd(lambda: fn(hidden, weight, targets), *tensors), tensors,
+                                            host=True)
+            rows.append(dict(kind="time", case=case, impl=impl, ms=round(ms, 3), host_ms=round(host, 2),
+                             extra_GiB=round(mem, 4), extra_MiB=round(mem * 1024, 3), **extra))
         except Exception as e:
             rows.append(dict(kind="time", case=case, impl=impl, error=repr(e)[:160]))
         log(rows[-1])

@@ -302,23 +302,31 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
             tail_acc = (torch.empty(tail_cols, hidden_size, dtype=torch.float32, device=device) if tail_cols
                         else None)  # (TAIL_COLS, H)
             dw_flat = dw.view(-1)
+            weight_t = weight.t()  # (H, V)
             for v0, v1, place in schedule:
                 width = v1 - v0
                 split = place == "split"
                 block = split_rows(n_sup, vocab, hidden_size, v0, width) if split else n_sup
                 for r0 in range(0, n_sup, block):
                     r1 = min(n_sup, r0 + block)
+                    # Whole-row chunks skip the row slicing: pass B runs a few hundred chunks and is host-bound
+                    # at times, and every slice is a dispatcher call.
+                    if r1 - r0 == n_sup:
+                        h_b, lse_b, t, t_index = h, lse, targets, rows
+                    elif rows is None:
+                        h_b, lse_b, t, t_index = h[r0:r1], lse[r0:r1], targets[r0:r1], None
+                    else:
+                        h_b, lse_b, t, t_index = h[r0:r1], lse[r0:r1], targets, rows[r0:r1]
                     # (r1 - r0, width): in dh's spare rows, or dW's last elements, beyond dw[v1:] ("dw") or at
                     # least beyond dw[:v0] ("split")
                     size = (r1 - r0) * width
                     tile = (spare[:size] if place == "spare" else dw_flat[dw_flat.numel() - size:]).view(
                         r1 - r0, width)
-                    torch.mm(h[r0:r1], weight[v0:v1].t(), out=tile)
-                    t, t_index = (targets[r0:r1], None) if rows is None else (targets, rows[r0:r1])
-                    ce_rows(tile, t, lse[r0:r1], None, softcap=softcap, grad_out=tile, grad_scale=one,
+                    torch.mm(h_b, weight_t[:, v0:v1], out=tile)
+                    ce_rows(tile, t, lse_b, None, softcap=softcap, grad_out=tile, grad_scale=one,
                             compute_lse=False, col_offset=v0, row_index=t_index)
                     if split:
-                        _accumulate_dw(tail_acc[:width], tile, h[r0:r1], first=r0 == 0)
+                        _accumulate_dw(tail_acc[:width], tile, h_b, first=r0 == 0)
                     else:
                         torch.mm(tile.t(), h, out=dw[v0:v1])
                 if split:
