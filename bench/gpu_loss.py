@@ -349,7 +349,51 @@ def lce_profile(rows, shape, knobs, top=6):
         rows.append(dict(kind="profile", case=case, impl=e.key[:70], gpu_ms=round(e.self_device_time_total / 1e3, 3),
                          count=e.count))
         log(rows[-1])
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]:  # host time per op (profiler-inflated)
+        rows.append(dict(kind="profile", case=case, impl=f"host: {e.key[:64]}",
+                         cpu_ms=round(e.self_cpu_time_total / 1e3, 3), count=e.count))
+        log(rows[-1])
     del hidden, weight, targets
+    torch.cuda.empty_cache()
+
+
+def lce_host_costs(rows, shape, calls=200):
+    """Host (enqueue) time per call of each piece of a pass-B chunk at the shape's default tile, after a sync and
+    with nothing waited on: what a host-bound call of the op is made of."""
+    from fastsft.kernels._ce_rows import ce_rows
+
+    n, h, v, ignored = shape
+    hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
+    hidden, weight = hidden.detach(), weight.detach()
+    rows_idx = torch.nonzero(targets >= 0).squeeze(1).to(torch.int32)
+    m = rows_idx.numel()
+    cols = lce_mod.vocab_per_chunk(m, v, hidden.dtype)
+    hg = hidden.index_select(0, rows_idx)
+    tile = torch.empty(m, cols, dtype=hidden.dtype, device="cuda")
+    dw = torch.empty(cols, h, dtype=hidden.dtype, device="cuda")
+    lse = torch.randn(m, device="cuda").abs() + 5
+    one = torch.ones((), device="cuda")
+    weight_t = weight.t()
+    pieces = {
+        "torch.mm(h, W^T slice, out=tile)": lambda: torch.mm(hg, weight_t[:, :cols], out=tile),
+        "ce_rows (Triton launch, row index)": lambda: ce_rows(tile, targets, lse, None, grad_out=tile,
+                                                              grad_scale=one, compute_lse=False, col_offset=0,
+                                                              row_index=rows_idx),
+        "torch.mm(tile^T, h, out=dW slice)": lambda: torch.mm(tile.t(), hg, out=dw),
+        "one slice (aten::slice)": lambda: weight_t[:, :cols],
+    }
+    for name, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        us = (time.perf_counter() - t0) / calls * 1e6
+        torch.cuda.synchronize()
+        rows.append(dict(kind="host", case=f"pass B piece, tile {m}x{cols}", impl=name, host_us=round(us, 1)))
+        log(rows[-1])
+    del hidden, weight, targets, hg, tile, dw
     torch.cuda.empty_cache()
 
 
@@ -443,6 +487,8 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
                         fast_sweep=None if quick else fast_sweep)
     if "breakdown" in parts:
         lce_breakdown(rows, LCE_SHAPES[0])
+    if "host" in parts:
+        lce_host_costs(rows, LCE_SHAPES[0])
     if "profile" in parts:
         for shape in LCE_SHAPES:
             for knobs in PROFILE_KNOBS:
