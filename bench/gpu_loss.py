@@ -28,6 +28,7 @@ import triton.testing
 
 # By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
 lce_mod = importlib.import_module("fastsft.kernels.linear_cross_entropy")
+grad_tile_mod = importlib.import_module("fastsft.kernels._grad_tile")
 from fastsft.kernels._scatter_rows import scatter_rows_home
 from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
@@ -195,7 +196,9 @@ def grads_taken(hidden, weight, targets, layout="low_memory"):
         hidden.grad = weight.grad = None
         linear_cross_entropy(hidden, weight, targets, layout=layout)[0].backward()
         taken = hidden.grad.data_ptr() == made.get("dh") and weight.grad.data_ptr() == made.get("dw")
-        log(f"grads taken without a copy ({layout}, GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}")
+        log(f"grads taken without a copy ({layout}, GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}; "
+            f"recorded {sorted(made)}, dh same {hidden.grad.data_ptr() == made.get('dh')}, dW same "
+            f"{weight.grad.data_ptr() == made.get('dw')}")
         return taken
     finally:
         lce_mod._forward_impl = impl
@@ -228,6 +231,12 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
         tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK, tail_cols=lce_mod.TAIL_COLS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
+    fused_default = lce_mod.FUSED_GRAD_TILE
+    for fused, tma in ((not fused_default, True), (True, False)):
+        lce_mod.FUSED_GRAD_TILE, grad_tile_mod.USE_TMA = fused, tma
+        add(f"fastsft low_memory, pass B tile {'fused' if fused else 'cuBLAS + row kernel'}"
+            f"{' (TMA)' if fused and tma else ' (pointers)' if fused else ''}", lambda *a: linear_cross_entropy(*a)[0])
+    lce_mod.FUSED_GRAD_TILE, grad_tile_mod.USE_TMA = fused_default, True
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets, layout="fast")
@@ -291,6 +300,30 @@ def lce_breakdown(rows, shape):
     }
     import fastsft.kernels._ce_rows as ce_rows_mod
 
+    # the fused tile against the two launches it replaces, and its launch shapes (tile error vs the unfused path)
+    ref_tile = torch.empty_like(tile)
+    torch.mm(hg, weight[:cols].t(), out=ref_tile)
+    ce_rows(ref_tile, tg, lse, None, grad_out=ref_tile, grad_scale=one, compute_lse=False)
+    knobs = ("MAX_BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BLOCK_M", "BLOCK_K", "USE_TMA")
+    default_tile = {k: getattr(grad_tile_mod, k) for k in knobs}
+    for cfg in [dict(USE_TMA=False), dict(USE_TMA=False, MAX_BLOCK_N=128, NUM_WARPS=4), {}, dict(NUM_STAGES=4),
+                dict(NUM_STAGES=5, MAX_BLOCK_N=128), dict(MAX_BLOCK_N=128), dict(NUM_WARPS=4, MAX_BLOCK_N=128),
+                dict(BLOCK_K=128, NUM_STAGES=3), dict(BLOCK_M=256, MAX_BLOCK_N=128)]:
+        for k, val in cfg.items():
+            setattr(grad_tile_mod, k, val)
+        try:
+            fused = lambda: grad_tile_mod.grad_tile(hg, weight, 0, cols, tg, lse, one, tile)
+            fused()
+            err = rel(tile, ref_tile)
+            ms = triton.testing.do_bench(fused, warmup=10, rep=100, return_mode="median")
+            rows.append(dict(kind="breakdown", case=f"x{-(-v // cols)} chunks",
+                             impl=f"B: fused grad tile {cfg or 'default'}", ms=round(ms, 4),
+                             TFLOPs=round(2 * m * cols * h / ms / 1e9, 0), rel_vs_unfused=err))
+        except Exception as e:
+            rows.append(dict(kind="breakdown", case="fused grad tile", impl=str(cfg), error=repr(e)[:160]))
+        log(rows[-1])
+        for k, val in default_tile.items():
+            setattr(grad_tile_mod, k, val)
     default_warps = ce_rows_mod.NARROW_ROW_NUM_WARPS
     for warps in (2, 4, 8):
         parts[f"B: row kernel, {warps} warps"] = (

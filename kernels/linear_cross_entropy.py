@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
+from ._grad_tile import grad_tile
 from ._multi_tensor import runs_triton
 from ._scatter_rows import scatter_rows_home
 
@@ -77,6 +78,11 @@ MIN_VOCAB_CHUNK = 512
 # 26.9, 16: 21.3, 32: 29.8, 64: 29.8 (2026-12-01). Before, the tail was an (M, TAIL_COLS) tile of its own (H100: 16
 # columns 22.8 ms at 194.4 MiB, 2 MiB of which a staging copy of the dh scatter, both gone now).
 TAIL_COLS = 16
+# Pass B's tile: True: one Triton matmul whose epilogue is the row kernel (kernels/_grad_tile.py); False: cuBLAS
+# matmul into the tile, then the row kernel over it. H200, 2026-12-01, N=32768 H=1024 V=65536 half ignored: fused
+# (pointer loads) 21.58 ms, host 16.5, against 21.84 ms, host 20.0; V=151936: 80.7 against 77.0 ms: the fused
+# matmul runs at 360 TFLOP/s where cuBLAS gives 580, which eats what one launch less per chunk saves.
+FUSED_GRAD_TILE = False
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
 # loop; module-level like the others so the bench can sweep them.
@@ -322,9 +328,12 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                     size = (r1 - r0) * width
                     tile = (spare[:size] if place == "spare" else dw_flat[dw_flat.numel() - size:]).view(
                         r1 - r0, width)
-                    torch.mm(h_b, weight_t[:, v0:v1], out=tile)
-                    ce_rows(tile, t, lse_b, None, softcap=softcap, grad_out=tile, grad_scale=one,
-                            compute_lse=False, col_offset=v0, row_index=t_index)
+                    if FUSED_GRAD_TILE:
+                        grad_tile(h_b, weight, v0, v1, t, lse_b, one, tile, softcap=softcap, row_index=t_index)
+                    else:
+                        torch.mm(h_b, weight_t[:, v0:v1], out=tile)
+                        ce_rows(tile, t, lse_b, None, softcap=softcap, grad_out=tile, grad_scale=one,
+                                compute_lse=False, col_offset=v0, row_index=t_index)
                     if split:
                         _accumulate_dw(tail_acc[:width], tile, h_b, first=r0 == 0)
                     else:

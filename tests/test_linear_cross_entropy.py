@@ -164,17 +164,19 @@ def test_vocab_chunks_keep_the_tile_in_free_memory(monkeypatch, n_rows, hidden_s
         assert places == ["spare"] * len(places)
 
 
-@pytest.mark.parametrize("dtype,ignored_fraction", [(torch.float32, 0.25), (torch.bfloat16, 0.75),
-                                                   (torch.float32, 0.5)])
-def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction):
+@pytest.mark.parametrize("dtype,ignored_fraction,fused", [(torch.float32, 0.25, True), (torch.bfloat16, 0.75, True),
+                                                         (torch.float32, 0.5, True), (torch.bfloat16, 0.5, False)])
+def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction, fused):
     # Small sizes covering the three walks: half ignored, so dh has no spare rows: the tile shrinks several times in
     # dW and the last chunks go in row blocks (more supervised rows than H, so a split chunk needs several); a
     # quarter ignored: dh's spare rows take over once the dW tile would be narrower than they hold; three quarters:
     # every tile in dh's spare rows. Before each pass-B tile in dW, everything of dW not yet written and not holding
     # the tile is poisoned with NaN: a slice left unwritten, a tile over an already written slice, or a matmul
-    # reading the slice it writes shows in the gradients.
+    # reading the slice it writes shows in the gradients. fused: the tile comes from one Triton matmul with the
+    # row kernel as its epilogue; else from cuBLAS, then the row kernel.
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "TAIL_COLS", 8)
+    monkeypatch.setattr(lce_mod, "FUSED_GRAD_TILE", fused)
     n = 120
     case = make_case(dtype, ignored_fraction, seed=31, n=n)
     n_sup = int((case[2] != -1).sum())
@@ -191,26 +193,34 @@ def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction)
     else:
         assert set(places) == {"spare"}
     seen = []
-    real_ce_rows = lce_mod.ce_rows
 
-    def poisoning_ce_rows(logits, targets, lse, loss, **kw):
-        if kw.get("compute_lse", True):  # pass A
-            return real_ce_rows(logits, targets, lse, loss, **kw)
-        v0, width = kw["col_offset"], logits.shape[1]
-        storage = logits.untyped_storage()
+    def check_and_poison(tile, v0):
+        width = tile.shape[1]
+        storage = tile.untyped_storage()
         whole = torch.empty(0, dtype=dtype).set_(storage)  # flat view of the storage the tile lives in
-        start = (logits.data_ptr() - storage.data_ptr()) // logits.element_size()
+        start = (tile.data_ptr() - storage.data_ptr()) // tile.element_size()
         place = next(p for c0, _, p in schedule if c0 == v0)
         if place == "spare":  # in dh, past the supervised (and parked) rows
             assert whole.numel() == n * H and start == (n - spare) * H
         else:
             assert whole.numel() == V * H
-            assert start + logits.numel() == V * H and start >= (v0 + width if place == "dw" else v0) * H
+            assert start + tile.numel() == V * H and start >= (v0 + width if place == "dw" else v0) * H
             whole[(v0 + width) * H if place == "dw" else v0 * H:start] = float("nan")
         seen.append((v0, v0 + width, place))
+
+    real_ce_rows, real_grad_tile = lce_mod.ce_rows, lce_mod.grad_tile
+
+    def poisoning_ce_rows(logits, targets, lse, loss, **kw):
+        if not kw.get("compute_lse", True):  # pass B (pass A computes the lse)
+            check_and_poison(logits, kw["col_offset"])
         return real_ce_rows(logits, targets, lse, loss, **kw)
 
+    def poisoning_grad_tile(h, weight, v0, v1, targets, lse, scale, out, **kw):
+        check_and_poison(out, v0)
+        return real_grad_tile(h, weight, v0, v1, targets, lse, scale, out, **kw)
+
     monkeypatch.setattr(lce_mod, "ce_rows", poisoning_ce_rows)
+    monkeypatch.setattr(lce_mod, "grad_tile", poisoning_grad_tile)
     got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
     assert seen == [b[:3] for b in blocks]
     assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), dtype, ignored_fraction)

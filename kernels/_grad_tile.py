@@ -1,0 +1,166 @@
+"""One Triton launch for pass B's logits tile of linear_cross_entropy: G = dCE/dlogits over a vocabulary slice.
+
+Pass B walks the vocabulary in chunks [v0, v1) and needs, for all M supervised rows, the gradient of the loss with
+respect to those logits, given the log-sum-exp that pass A found: G = softcap' * (exp(cap(h @ W[v0:v1]^T) - lse) -
+onehot(target)). With the lse known, that is elementwise in the logits, so it is the epilogue of the matmul itself:
+no logits tile written and read back, and one launch where cuBLAS + the row kernel took two (pass B is host-bound
+at M = 16H, where it runs a few hundred chunks; bench/RESULTS.md).
+
+The logits are rounded to the input dtype before the epilogue, as the cuBLAS path stores them, so both paths share
+the numerics of the row kernel (kernels/_ce_rows.py): the same softcap, the same rule for ignored rows (gradient 0).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._ce_rows import _tanh
+from ._multi_tensor import interpreter_enabled
+
+# GPU tile: 128 x BLOCK_N x 64 with 8 warps and 3 stages; BLOCK_N 256 for chunks that wide, else the next power of
+# two (>= 16) of the width. Module-level so the bench can sweep them.
+BLOCK_M = 128
+BLOCK_K = 64
+MAX_BLOCK_N = 256
+NUM_WARPS = 8
+NUM_STAGES = 3
+# Operands by TMA descriptors (Hopper's bulk-copy engine) where the GPU and alignment allow, else by pointers.
+USE_TMA = True
+# Under the interpreter: small tiles so tests cover partial tiles and the K loop.
+INTERPRETED_BLOCKS = (16, 16, 16)
+
+
+@triton.jit
+def _grad_epilogue(acc, offs_m, offs_n, row_ok, col_ok, out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr, scale_ptr,
+                   v0, softcap, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """The row kernel's gradient rule on an fp32 (BLOCK_M, BLOCK_N) logits tile, stored into out."""
+    if HAS_INDEX:
+        src = tl.load(idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        tgt = tl.load(tgt_ptr + src, mask=row_ok, other=-1)
+    else:
+        tgt = tl.load(tgt_ptr + offs_m, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the logits as a matmul would have stored them
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    g = tl.exp(x - lse[:, None]) - tl.where((v0 + offs_n)[None, :] == tgt[:, None], 1.0, 0.0)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    g = tl.where((tgt >= 0)[:, None], g * scale, 0.0)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, g.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+
+@triton.jit
+def _grad_tile_kernel(
+    h_ptr, stride_h,  # (M, K) gathered hidden rows
+    w_ptr, stride_w,  # (V, K) weight; columns v0.. of the logits are its rows v0..
+    out_ptr, stride_out,  # (M, W) gradient tile
+    tgt_ptr, idx_ptr,  # targets, and row index into them when HAS_INDEX
+    lse_ptr,  # (M,) fp32
+    scale_ptr,  # () fp32 upstream gradient
+    M, W, K, v0, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    UPCAST: tl.constexpr,  # the interpreter's bf16 arithmetic is wrong: fp32 operands there
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Column tiles of one row block run next to each other, so the (BLOCK_M, K) rows are read from L2 after the
+    # first: the weight slice is small, the gathered rows are not.
+    n_tiles_n = tl.cdiv(W, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < M
+    col_ok = offs_n < W
+    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_h + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+    b_ptrs = w_ptr + (v0 + offs_n).to(tl.int64)[None, :] * stride_w + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k + k < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    _grad_epilogue(acc, offs_m, offs_n, row_ok, col_ok, out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr, scale_ptr,
+                   v0, softcap, HAS_SOFTCAP, HAS_INDEX)
+
+
+@triton.jit
+def _grad_tile_tma_kernel(
+    h_desc, w_desc,  # TMA descriptors: (M, K) gathered rows in (BLOCK_M, BLOCK_K) blocks, the (W, K) weight slice
+    out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr, scale_ptr,
+    M, W, K, v0, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Same tile as _grad_tile_kernel, its operands brought in by the bulk-copy engine (zero-filled past the edges).
+    n_tiles_n = tl.cdiv(W, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = h_desc.load([pid_m * BLOCK_M, k])  # (BLOCK_M, BLOCK_K)
+        b = w_desc.load([pid_n * BLOCK_N, k])  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, b.T, acc)
+    _grad_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < W, out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr,
+                   scale_ptr, v0, softcap, HAS_SOFTCAP, HAS_INDEX)
+
+
+def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None, row_index=None):
+    """out (M, v1 - v0) = dCE/dlogits of logits h @ weight[v0:v1]^T for rows with log-sum-exp `lse` (M,) fp32.
+
+    h (M, K) and weight (V, K) with unit column stride; targets (M,), or any length with row_index (M,) giving row
+    i's position in it; grad_scale () fp32 on the device; out may be any (M, v1 - v0) view with unit column stride.
+    """
+    m, k = h.shape
+    width = v1 - v0
+    if m == 0 or width == 0:
+        return
+    if h.stride(1) != 1 or weight.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("grad_tile: h, weight and out need unit column stride")
+    interpreted = interpreter_enabled()
+    if interpreted:
+        block_m, block_n, block_k = INTERPRETED_BLOCKS
+        warps, stages = 4, 1
+    else:
+        block_m, block_k = BLOCK_M, BLOCK_K
+        block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(width)))
+        warps, stages = NUM_WARPS, NUM_STAGES
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(width, block_n),)
+    common = (out, out.stride(0), targets, row_index if row_index is not None else targets, lse, grad_scale,
+              m, width, k, v0, float(softcap) if softcap is not None else 1.0)
+    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    w_slice = weight[v0:v1]
+    if USE_TMA and not interpreted and _tma_ready(h, w_slice):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        h_desc = TensorDescriptor.from_tensor(h, [block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(w_slice, [block_n, block_k])
+        _grad_tile_tma_kernel[grid](h_desc, w_desc, *common, **flags)
+    else:
+        _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted, **flags)
+
+
+def _tma_ready(*tensors):
+    """The bulk-copy engine wants 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
