@@ -79,10 +79,9 @@ MIN_VOCAB_CHUNK = 512
 # columns 22.8 ms at 194.4 MiB, 2 MiB of which a staging copy of the dh scatter, both gone now).
 TAIL_COLS = 16
 # Pass B's tile: True: one Triton matmul whose epilogue is the row kernel (kernels/_grad_tile.py); False: cuBLAS
-# matmul into the tile, then the row kernel over it. H200, 2026-12-01, N=32768 H=1024 V=65536 half ignored: fused
-# (pointer loads) 21.58 ms, host 16.5, against 21.84 ms, host 20.0; V=151936: 80.7 against 77.0 ms: the fused
-# matmul runs at 360 TFLOP/s where cuBLAS gives 580, which eats what one launch less per chunk saves.
-FUSED_GRAD_TILE = False
+# matmul into the tile, then the row kernel over it. One launch and one aten call less per chunk, where pass B is
+# host-bound (bench/RESULTS.md, 2026-12-01).
+FUSED_GRAD_TILE = True
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
 # loop; module-level like the others so the bench can sweep them.
