@@ -231,12 +231,10 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
         tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK, tail_cols=lce_mod.TAIL_COLS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
-    fused_default = lce_mod.FUSED_GRAD_TILE
-    for fused, tma in ((not fused_default, True), (True, False)):
-        lce_mod.FUSED_GRAD_TILE, grad_tile_mod.USE_TMA = fused, tma
-        add(f"fastsft low_memory, pass B tile {'fused' if fused else 'cuBLAS + row kernel'}"
-            f"{' (TMA)' if fused and tma else ' (pointers)' if fused else ''}", lambda *a: linear_cross_entropy(*a)[0])
-    lce_mod.FUSED_GRAD_TILE, grad_tile_mod.USE_TMA = fused_default, True
+    lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
+    add(f"fastsft low_memory, pass B tile {'fused' if lce_mod.FUSED_GRAD_TILE else 'by cuBLAS + row kernel'}",
+        lambda *a: linear_cross_entropy(*a)[0])
+    lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
     rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets, layout="fast")
@@ -304,11 +302,9 @@ def lce_breakdown(rows, shape):
     ref_tile = torch.empty_like(tile)
     torch.mm(hg, weight[:cols].t(), out=ref_tile)
     ce_rows(ref_tile, tg, lse, None, grad_out=ref_tile, grad_scale=one, compute_lse=False)
-    knobs = ("MAX_BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BLOCK_M", "BLOCK_K", "USE_TMA")
+    knobs = ("MAX_BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BLOCK_M", "BLOCK_K")
     default_tile = {k: getattr(grad_tile_mod, k) for k in knobs}
-    for cfg in [dict(USE_TMA=False), dict(USE_TMA=False, MAX_BLOCK_N=128, NUM_WARPS=4), {}, dict(NUM_STAGES=4),
-                dict(NUM_STAGES=5, MAX_BLOCK_N=128), dict(MAX_BLOCK_N=128), dict(NUM_WARPS=4, MAX_BLOCK_N=128),
-                dict(BLOCK_K=128, NUM_STAGES=3), dict(BLOCK_M=256, MAX_BLOCK_N=128)]:
+    for cfg in [{}, dict(MAX_BLOCK_N=256, NUM_WARPS=8), dict(NUM_STAGES=4), dict(BLOCK_K=128, NUM_STAGES=2)]:
         for k, val in cfg.items():
             setattr(grad_tile_mod, k, val)
         try:

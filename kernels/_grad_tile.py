@@ -18,16 +18,14 @@ from ._ce_rows import _tanh
 from ._multi_tensor import interpreter_enabled
 
 # GPU tile: 128 x BLOCK_N x 64, BLOCK_N 128 for chunks that wide, else the next power of two (>= 16) of the width.
-# H200, triton 3.6, tile 16384 x 512 x 1024 (bench/RESULTS.md): TMA operands, 4 warps, BLOCK_N 128: 0.040 ms (426
-# TFLOP/s) against 0.045 for cuBLAS's matmul (580 TFLOP/s) + the row kernel; TMA with 8 warps and BLOCK_N 256: 0.053;
-# pointer loads, 8 warps, BLOCK_N 256: 0.048; 4 stages or BLOCK_N 128 with 8 warps: 0.068 / 0.085.
+# H200, triton 3.6, tile 16384 x 512 x 1024 (bench/RESULTS.md): 0.047 ms (366 TFLOP/s) against 0.044 for cuBLAS's
+# matmul (569 TFLOP/s) + the row kernel; 8 warps with BLOCK_N 256 the same. Operands through host-made TMA
+# descriptors ran the tile in 0.040 ms but cost ~50 us more host time per launch, which the host-bound pass B pays.
 BLOCK_M = 128
 BLOCK_K = 64
 MAX_BLOCK_N = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Operands by TMA descriptors (Hopper's bulk-copy engine) where the GPU and alignment allow, else by pointers.
-USE_TMA = True
 # Under the interpreter: small tiles so tests cover partial tiles and the K loop.
 INTERPRETED_BLOCKS = (16, 16, 16)
 
@@ -100,33 +98,6 @@ def _grad_tile_kernel(
                    v0, softcap, HAS_SOFTCAP, HAS_INDEX)
 
 
-@triton.jit
-def _grad_tile_tma_kernel(
-    h_desc, w_desc,  # TMA descriptors: (M, K) gathered rows in (BLOCK_M, BLOCK_K) blocks, the (W, K) weight slice
-    out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr, scale_ptr,
-    M, W, K, v0, softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_INDEX: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # Same tile as _grad_tile_kernel, its operands brought in by the bulk-copy engine (zero-filled past the edges).
-    n_tiles_n = tl.cdiv(W, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = h_desc.load([pid_m * BLOCK_M, k])  # (BLOCK_M, BLOCK_K)
-        b = w_desc.load([pid_n * BLOCK_N, k])  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(a, b.T, acc)
-    _grad_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < W, out_ptr, stride_out, tgt_ptr, idx_ptr, lse_ptr,
-                   scale_ptr, v0, softcap, HAS_SOFTCAP, HAS_INDEX)
-
-
 def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None, row_index=None):
     """out (M, v1 - v0) = dCE/dlogits of logits h @ weight[v0:v1]^T for rows with log-sum-exp `lse` (M,) fp32.
 
@@ -152,17 +123,4 @@ def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None,
               m, width, k, v0, float(softcap) if softcap is not None else 1.0)
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    w_slice = weight[v0:v1]
-    if USE_TMA and not interpreted and _tma_ready(h, w_slice):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        h_desc = TensorDescriptor.from_tensor(h, [block_m, block_k])
-        w_desc = TensorDescriptor.from_tensor(w_slice, [block_n, block_k])
-        _grad_tile_tma_kernel[grid](h_desc, w_desc, *common, **flags)
-    else:
-        _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted, **flags)
-
-
-def _tma_ready(*tensors):
-    """The bulk-copy engine wants 16-byte aligned bases and row strides."""
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted, **flags)

@@ -12,7 +12,8 @@ layout="low_memory" (default): two passes over the M supervised rows, 4 matmuls.
         row kernel: lse, loss, dlogits_c = (softmax - onehot) * softcap'   written over logits_c in place
         dh_c = dlogits_c @ W                 (complete: one matmul over the whole vocabulary)
     pass B, per vocabulary chunk (all M rows), with the lse of pass A:
-        logits_v = h @ W_v^T;  row kernel: dlogits_v in place;  dW_v = dlogits_v^T @ h   (complete over all rows)
+        dlogits_v = row kernel of (h @ W_v^T)   (one Triton matmul with the row kernel as its epilogue, _grad_tile.py)
+        dW_v = dlogits_v^T @ h                  (cuBLAS, complete over all rows)
 Every gradient element is ONE matmul with fp32 accumulation over its whole reduction, written once in the output
 dtype, except the last TAIL_COLS-wide chunks of pass B, which sum a few row blocks in an fp32 accumulator first: no
 (V, H) or (M, H) fp32 accumulator. The gradient outputs double as workspace while not yet written: pass A's logits
