@@ -9,10 +9,14 @@ excluded), in MiB: the two bf16 gradients alone are the floor (e.g. 192 MiB at N
 
 Both layouts of linear_cross_entropy run side by side: `layout="low_memory"` (two passes, gradients as their own
 workspace; the default) and `layout="fast"` (one pass over row chunks with an fp32 (V, H) dW accumulator), each
-checked against the fp32 reference and timed, with its own sweep of chunk sizes.
+checked against the fp32 reference and timed, with its own sweep of chunk sizes; low_memory also with pass B's
+tile made the other way (fused Triton matmul vs cuBLAS + row kernel). Each timing row carries host_ms, the time to
+enqueue one call: near `ms`, the call is host-bound. Parts: lce_check, lce_time, breakdown, ce, host (per-call host
+cost of each pass-B piece), profile (torch.profiler kernel and host-op tables).
 
-    python bench/gpu_loss.py            # everything
-    python bench/gpu_loss.py --quick    # skip the tuning sweeps
+    python bench/gpu_loss.py            # lce_check, lce_time with the sweeps, breakdown, ce
+    python bench/gpu_loss.py --quick    # the same without the tuning sweeps
+    python bench/gpu_loss.py --parts host,profile
 """
 
 import argparse
@@ -181,30 +185,6 @@ def scatter_check(rows):
         log(rows[-1])
 
 
-def grads_taken(hidden, weight, targets, layout="low_memory"):
-    """Whether .grad ends up being the very buffers the op made (autograd took them) rather than copies."""
-    made, impl = {}, lce_mod._forward_impl
-
-    def recording(*args):
-        out = impl(*args)
-        if out[2].numel():
-            made.update(dh=out[2].data_ptr(), dw=out[3].data_ptr())
-        return out
-
-    lce_mod._forward_impl = recording
-    try:
-        hidden.grad = weight.grad = None
-        linear_cross_entropy(hidden, weight, targets, layout=layout)[0].backward()
-        taken = hidden.grad.data_ptr() == made.get("dh") and weight.grad.data_ptr() == made.get("dw")
-        log(f"grads taken without a copy ({layout}, GRAD_IN_BACKWARD={lce_mod.GRAD_IN_BACKWARD}): {taken}; "
-            f"recorded {sorted(made)}, dh same {hidden.grad.data_ptr() == made.get('dh')}, dW same "
-            f"{weight.grad.data_ptr() == made.get('dw')}")
-        return taken
-    finally:
-        lce_mod._forward_impl = impl
-        hidden.grad = weight.grad = None
-
-
 def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     n, h, v, ignored = shape
     case = f"lce N={n} H={h} V={v} ign={ignored}"
@@ -230,14 +210,12 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 3)))
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
         tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK, tail_cols=lce_mod.TAIL_COLS)
-    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets)
     lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
     add(f"fastsft low_memory, pass B tile {'fused' if lce_mod.FUSED_GRAD_TILE else 'by cuBLAS + row kernel'}",
         lambda *a: linear_cross_entropy(*a)[0])
     lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
-    rows[-1]["grads_taken_without_copy"] = grads_taken(hidden, weight, targets, layout="fast")
     lce_mod.GRAD_IN_BACKWARD = True
     add("fastsft low_memory, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
     lce_mod.GRAD_IN_BACKWARD = False

@@ -80,8 +80,10 @@ MIN_VOCAB_CHUNK = 512
 # columns 22.8 ms at 194.4 MiB, 2 MiB of which a staging copy of the dh scatter, both gone now).
 TAIL_COLS = 16
 # Pass B's tile: True: one Triton matmul whose epilogue is the row kernel (kernels/_grad_tile.py); False: cuBLAS
-# matmul into the tile, then the row kernel over it. One launch and one aten call less per chunk, where pass B is
-# host-bound (bench/RESULTS.md, 2026-12-01).
+# matmul into the tile, then the row kernel over it. The fused one is one launch and one aten call less per chunk,
+# and pass B is host-bound at M = 16H; its matmul runs at ~366 TFLOP/s where cuBLAS gives ~570. H200, torch 2.11,
+# triton 3.6, 2026-12-01, fused / unfused ms, same run: N=32768 H=1024 V=65536 half ignored 21.3 / 22.6 (a fast host)
+# and 27.1 / 38.0 (a slow one); N=16384 H=2048 V=151936: 84.3 / 78.7 and 73.0 / 73.1; a quarter ignored: 29.4 / 29.5.
 FUSED_GRAD_TILE = True
 # Upper bound on pass A's rows per chunk (None: as many as a buffer the size of the weight holds, i.e. H rows: the
 # borrowed dW output, or a buffer of that size when there is no dW to borrow). Tests set it small to cover the chunk
