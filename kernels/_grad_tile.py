@@ -66,6 +66,7 @@ def _grad_tile_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     UPCAST: tl.constexpr,  # the interpreter's bf16 arithmetic is wrong: fp32 operands there
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: a plain fp32 matmul, as torch's default, not tf32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -90,7 +91,7 @@ def _grad_tile_kernel(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -123,4 +124,5 @@ def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None,
               m, width, k, v0, float(softcap) if softcap is not None else 1.0)
     flags = dict(HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted, **flags)
+    _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted,
+                            DOT_PRECISION="ieee" if h.dtype == torch.float32 else "tf32", **flags)

@@ -12,7 +12,8 @@ layout="low_memory" (default): two passes over the M supervised rows, 4 matmuls.
         row kernel: lse, loss, dlogits_c = (softmax - onehot) * softcap'   written over logits_c in place
         dh_c = dlogits_c @ W                 (complete: one matmul over the whole vocabulary)
     pass B, per vocabulary chunk (all M rows), with the lse of pass A:
-        dlogits_v = row kernel of (h @ W_v^T)   (one Triton matmul with the row kernel as its epilogue, _grad_tile.py)
+        dlogits_v = row kernel of (h @ W_v^T)   (one Triton matmul with the row kernel as its epilogue, _grad_tile.py;
+                                                 for fp32 inputs cuBLAS, then the row kernel)
         dW_v = dlogits_v^T @ h                  (cuBLAS, complete over all rows)
 Every gradient element is ONE matmul with fp32 accumulation over its whole reduction, written once in the output
 dtype, except the last TAIL_COLS-wide chunks of pass B, which sum a few row blocks in an fp32 accumulator first: no
@@ -303,7 +304,8 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
             dw.copy_(acc)
         del acc
         # Pass B (layout "low_memory"): dW per vocabulary chunk over all supervised rows, with pass A's lse. The
-        # logits tile lives in the unwritten end of dW (vocab_chunks); the last narrow chunks go in row blocks.
+        # logits tile lives in dh's spare rows or the unwritten end of dW (vocab_chunks); the last narrow chunks go
+        # in row blocks.
         if need_dw and not fast:
             schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype, 0 if spare is None else spare.numel())
             tail_cols = max((v1 - v0 for v0, v1, place in schedule if place == "split"), default=0)
@@ -311,6 +313,8 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                         else None)  # (TAIL_COLS, H)
             dw_flat = dw.view(-1)
             weight_t = weight.t()  # (H, V)
+            # fp32 inputs keep cuBLAS: the Triton matmul would be a plain fp32 one on CUDA cores (no tf32), slower
+            fused = FUSED_GRAD_TILE and hidden.dtype != torch.float32
             for v0, v1, place in schedule:
                 width = v1 - v0
                 split = place == "split"
@@ -330,7 +334,7 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                     size = (r1 - r0) * width
                     tile = (spare[:size] if place == "spare" else dw_flat[dw_flat.numel() - size:]).view(
                         r1 - r0, width)
-                    if FUSED_GRAD_TILE:
+                    if fused:
                         grad_tile(h_b, weight, v0, v1, t, lse_b, one, tile, softcap=softcap, row_index=t_index)
                     else:
                         torch.mm(h_b, weight_t[:, v0:v1], out=tile)

@@ -164,16 +164,16 @@ def test_vocab_chunks_keep_the_tile_in_free_memory(monkeypatch, n_rows, hidden_s
         assert places == ["spare"] * len(places)
 
 
-@pytest.mark.parametrize("dtype,ignored_fraction,fused", [(torch.float32, 0.25, True), (torch.bfloat16, 0.75, True),
-                                                         (torch.float32, 0.5, True), (torch.bfloat16, 0.5, False)])
+@pytest.mark.parametrize("dtype,ignored_fraction,fused", [(torch.bfloat16, 0.25, True), (torch.bfloat16, 0.75, True),
+                                                         (torch.bfloat16, 0.5, True), (torch.float32, 0.5, False)])
 def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction, fused):
     # Small sizes covering the three walks: half ignored, so dh has no spare rows: the tile shrinks several times in
     # dW and the last chunks go in row blocks (more supervised rows than H, so a split chunk needs several); a
     # quarter ignored: dh's spare rows take over once the dW tile would be narrower than they hold; three quarters:
     # every tile in dh's spare rows. Before each pass-B tile in dW, everything of dW not yet written and not holding
     # the tile is poisoned with NaN: a slice left unwritten, a tile over an already written slice, or a matmul
-    # reading the slice it writes shows in the gradients. fused: the tile comes from one Triton matmul with the
-    # row kernel as its epilogue; else from cuBLAS, then the row kernel.
+    # reading the slice it writes shows in the gradients. fused (bf16 only, the op keeps cuBLAS for fp32): the tile
+    # comes from one Triton matmul with the row kernel as its epilogue; else from cuBLAS, then the row kernel.
     chunking(monkeypatch, 8, 64)
     monkeypatch.setattr(lce_mod, "TAIL_COLS", 8)
     monkeypatch.setattr(lce_mod, "FUSED_GRAD_TILE", fused)
@@ -192,9 +192,10 @@ def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction,
         assert narrow_in_dw >= 2 and places[-1] == "spare" and "split" not in places
     else:
         assert set(places) == {"spare"}
-    seen = []
+    seen, via_calls = [], []
 
-    def check_and_poison(tile, v0):
+    def check_and_poison(tile, v0, via):
+        via_calls.append(via)
         width = tile.shape[1]
         storage = tile.untyped_storage()
         whole = torch.empty(0, dtype=dtype).set_(storage)  # flat view of the storage the tile lives in
@@ -212,17 +213,18 @@ def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction,
 
     def poisoning_ce_rows(logits, targets, lse, loss, **kw):
         if not kw.get("compute_lse", True):  # pass B (pass A computes the lse)
-            check_and_poison(logits, kw["col_offset"])
+            check_and_poison(logits, kw["col_offset"], "ce_rows")
         return real_ce_rows(logits, targets, lse, loss, **kw)
 
     def poisoning_grad_tile(h, weight, v0, v1, targets, lse, scale, out, **kw):
-        check_and_poison(out, v0)
+        check_and_poison(out, v0, "grad_tile")
         return real_grad_tile(h, weight, v0, v1, targets, lse, scale, out, **kw)
 
     monkeypatch.setattr(lce_mod, "ce_rows", poisoning_ce_rows)
     monkeypatch.setattr(lce_mod, "grad_tile", poisoning_grad_tile)
     got = run(linear_cross_entropy, *case, 15.0, upstream=0.37)
     assert seen == [b[:3] for b in blocks]
+    assert set(via_calls) == {"grad_tile" if fused else "ce_rows"}
     assert_close(got, run(linear_cross_entropy_reference, *case, 15.0, upstream=0.37), dtype, ignored_fraction)
 
 
