@@ -121,9 +121,11 @@ def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None,
         block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(width)))
         warps, stages = NUM_WARPS, NUM_STAGES
     grid = (triton.cdiv(m, block_m) * triton.cdiv(width, block_n),)
-    common = (out, out.stride(0), targets, row_index if row_index is not None else targets, lse, grad_scale,
-              m, width, k, v0, float(softcap) if softcap is not None else 1.0)
-    flags = dict(HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, BLOCK_M=block_m,
-                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    _grad_tile_kernel[grid](h, h.stride(0), weight, weight.stride(0), *common, UPCAST=interpreted,
-                            DOT_PRECISION="ieee" if h.dtype == torch.float32 else None, **flags)
+    _grad_tile_kernel[grid](
+        h, h.stride(0), weight, weight.stride(0), out, out.stride(0),
+        targets, row_index if row_index is not None else targets, lse, grad_scale,
+        m, width, k, v0, float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, UPCAST=interpreted,
+        DOT_PRECISION="ieee" if h.dtype == torch.float32 else None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )
