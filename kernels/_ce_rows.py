@@ -33,6 +33,19 @@ def _tanh(x):
 
 
 @triton.jit
+def softmax_grad(x, lse, is_target, valid, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d logit for fp32 logits x (before the softcap): softcap' * (softmax - onehot) * scale, 0 where not
+    valid. The one definition of the gradient rule, shared by this kernel and kernels/_grad_tile.py."""
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    g = tl.exp(x - lse) - tl.where(is_target, 1.0, 0.0)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)  # d/dx c*tanh(x/c)
+    return tl.where(valid, g * scale, 0.0)
+
+
+@triton.jit
 def _ce_rows_kernel(
     x_ptr, x_stride,  # logits (rows, V), any float dtype
     g_ptr, g_stride,  # gradient out (rows, V); may be x_ptr itself: each element is read before it is written
@@ -98,13 +111,7 @@ def _ce_rows_kernel(
             cols = start + offs
             inb = cols < V
             x = tl.load(x_row + cols, mask=cols < n_read, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
-                x = softcap * t
-            g = tl.exp(x - lse) - tl.where(cols + col_offset == tgt, 1.0, 0.0)
-            if HAS_SOFTCAP:
-                g = g * (1.0 - t * t)  # d/dx c*tanh(x/c)
-            g = tl.where(valid, g * scale, 0.0)
+            g = softmax_grad(x, lse, cols + col_offset == tgt, valid, scale, softcap, HAS_SOFTCAP)
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inb)
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._ce_rows import _tanh
+from ._ce_rows import softmax_grad
 from ._multi_tensor import interpreter_enabled
 
 # GPU tile: 128 x BLOCK_N x 64, BLOCK_N 128 for chunks that wide, else the next power of two (>= 16) of the width.
@@ -42,16 +42,10 @@ def _grad_epilogue(acc, offs_m, offs_n, row_ok, col_ok, out_ptr, stride_out, tgt
     lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr).to(tl.float32)
     x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # the logits as a matmul would have stored them
-    if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        x = softcap * t
-    g = tl.exp(x - lse[:, None]) - tl.where((v0 + offs_n)[None, :] == tgt[:, None], 1.0, 0.0)
-    if HAS_SOFTCAP:
-        g = g * (1.0 - t * t)
-    g = tl.where((tgt >= 0)[:, None], g * scale, 0.0)
+    g = softmax_grad(x, lse[:, None], (v0 + offs_n)[None, :] == tgt[:, None], (tgt >= 0)[:, None], scale, softcap,
+                     HAS_SOFTCAP)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
     tl.store(out_ptrs, g.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
 
 
 @triton.jit

@@ -235,6 +235,17 @@ def _supervised_rows(targets, vocab):
     return n_sup, counts[0].clone(), rows
 
 
+def _row_block(h, lse, targets, rows, r0, r1):
+    """Rows [r0, r1) of the supervised rows: their hidden rows, lse, and targets with the row index to read them
+    through (the whole-row case slices nothing: pass B runs a few hundred chunks, host-bound at times, and every
+    slice is a dispatcher call)."""
+    if r0 == 0 and r1 == h.shape[0]:
+        return h, lse, targets, rows
+    if rows is None:
+        return h[r0:r1], lse[r0:r1], targets[r0:r1], None
+    return h[r0:r1], lse[r0:r1], targets, rows[r0:r1]
+
+
 def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory"):
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -288,15 +299,15 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
         for start in range(0, n_sup, chunk):
             end = min(n_sup, start + chunk)
             logits = buf[: end - start]  # (c, V)
-            torch.mm(h[start:end], weight.t(), out=logits)
-            t, t_index = (targets[start:end], None) if rows is None else (targets, rows[start:end])
-            ce_rows(logits, t, lse[start:end], loss_rows[: end - start], softcap=softcap,
+            h_b, lse_b, t, t_index = _row_block(h, lse, targets, rows, start, end)
+            torch.mm(h_b, weight.t(), out=logits)
+            ce_rows(logits, t, lse_b, loss_rows[: end - start], softcap=softcap,
                     grad_out=logits if (need_dh or acc is not None) else None, grad_scale=one, row_index=t_index)
             loss_sum += loss_rows[: end - start].sum()
             if need_dh:
                 torch.mm(logits, weight, out=dh_sup[start:end])
             if acc is not None:
-                _accumulate_dw(acc, logits, h[start:end], first=start == 0)
+                _accumulate_dw(acc, logits, h_b, first=start == 0)
         del buf, logits, loss_rows
         if dw_late:
             dw = acc.to(weight.dtype)
@@ -321,14 +332,7 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                 block = split_rows(n_sup, vocab, hidden_size, v0, width) if split else n_sup
                 for r0 in range(0, n_sup, block):
                     r1 = min(n_sup, r0 + block)
-                    # Whole-row chunks skip the row slicing: pass B runs a few hundred chunks and is host-bound
-                    # at times, and every slice is a dispatcher call.
-                    if r1 - r0 == n_sup:
-                        h_b, lse_b, t, t_index = h, lse, targets, rows
-                    elif rows is None:
-                        h_b, lse_b, t, t_index = h[r0:r1], lse[r0:r1], targets[r0:r1], None
-                    else:
-                        h_b, lse_b, t, t_index = h[r0:r1], lse[r0:r1], targets, rows[r0:r1]
+                    h_b, lse_b, t, t_index = _row_block(h, lse, targets, rows, r0, r1)
                     # (r1 - r0, width): in dh's spare rows, or dW's last elements, beyond dw[v1:] ("dw") or at
                     # least beyond dw[:v0] ("split")
                     size = (r1 - r0) * width
