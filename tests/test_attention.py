@@ -149,3 +149,173 @@ def test_backend_choice_is_made_once_and_logged(caplog, monkeypatch):
     assert attention.available_backends("cpu") == ("sdpa_segments",)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention.set_backend("no_such_backend")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The custom-op path (flash-attn-4's route). flash-attn-4 cannot run on the CPU, so an exact forward/backward pair
+# with FlashAttention's interface (out plus lse (H, N); a backward from the saved lse) is injected in its place:
+# it checks the op's structure (fake shapes, autograd, one compiled graph) with the same code path FA4 takes.
+
+
+class MathKernels:
+    """Segment-by-segment softmax attention in float32 that counts its calls (so a test sees it ran)."""
+
+    def __init__(self):
+        self.forward_calls = 0
+        self.backward_calls = 0
+
+    @staticmethod
+    def _segments(cu_seqlens):
+        bounds = cu_seqlens.tolist()
+        return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+    @staticmethod
+    def _probs(qs, ks, window, lse=None):
+        """(H, L, L) probabilities; scores scaled by 1/sqrt(D), causal inside the window."""
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) / qs.shape[-1] ** 0.5
+        keep = causal_window_mask(qs.shape[0], window, qs.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse[..., None]), lse
+
+    def forward(self, q, k, v, cu_seqlens, max_seqlen, window):
+        self.forward_calls += 1
+        rep = q.shape[1] // k.shape[1]
+        out = torch.full_like(q, float("nan"))  # like the real kernels: the uncovered tail is garbage
+        lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+        for s, e in self._segments(cu_seqlens):
+            qs = q[s:e].float()
+            ks, vs = (t[s:e].float().repeat_interleave(rep, 1) for t in (k, v))  # (L, H, D)
+            probs, lse[:, s:e] = self._probs(qs, ks, window)
+            out[s:e] = torch.einsum("hij,jhd->ihd", probs, vs).to(q.dtype)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window):
+        """FlashAttention's backward from the saved lse: dS = P * (dP - rowsum(dO * O))."""
+        self.backward_calls += 1
+        rep = q.shape[1] // k.shape[1]
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        for s, e in self._segments(cu_seqlens):
+            qs = q[s:e].float()
+            ks, vs = (t[s:e].float().repeat_interleave(rep, 1) for t in (k, v))  # (L, H, D)
+            do, o = dout[s:e].float(), out[s:e].float()
+            probs, _ = self._probs(qs, ks, window, lse[:, s:e])
+            dp = torch.einsum("ihd,jhd->hij", do, vs)
+            ds = probs * (dp - (do * o).sum(-1).T[..., None]) / qs.shape[-1] ** 0.5
+            dq[s:e] = torch.einsum("hij,jhd->ihd", ds, ks).to(q.dtype)
+            group = lambda g: g.unflatten(1, (k.shape[1], rep)).sum(2)  # (L, H, D) -> (L, Hkv, D)
+            dk[s:e] = group(torch.einsum("hij,ihd->jhd", ds, qs)).to(k.dtype)
+            dv[s:e] = group(torch.einsum("hij,ihd->jhd", probs, do)).to(v.dtype)
+        return dq, dk, dv
+
+
+@pytest.fixture
+def math_backend(monkeypatch):
+    """Register MathKernels as the op backend "math_op" on the CPU and pin it; undone after the test."""
+    kernels = MathKernels()
+    attention.register_op_kernels("math_op", attention.OpKernels(kernels.forward, kernels.backward,
+                                                                 device_types=("cpu",), half_only=False))
+    monkeypatch.setattr(attention, "_forced_backend", "math_op")
+    yield kernels
+    attention.register_op_kernels("math_op", None)
+
+
+@pytest.mark.parametrize("window", [-1, 4])
+def test_op_backend_forward_and_backward_equal_the_fallback(math_backend, window):
+    lengths = [9, 14, 1, 5]
+    q, k, v, cu = make_inputs(lengths, 4, 2, head_dim=8, n_pad_entries=2, tail=3, seed=21)
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for backend in ("math_op", "sdpa_segments"):
+        out = varlen_attention(q, k, v, cu, 14, window=window, backend=backend)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * grad_out).sum(), (q, k, v)))
+    assert math_backend.forward_calls == 1 and math_backend.backward_calls == 1
+    assert torch.equal(outs[0][-3:], torch.zeros_like(outs[0][-3:]))  # the NaN tail was zeroed
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads[0], grads[1]):
+        assert torch.isfinite(got).all()  # the NaN rows of the kernel's dq, dk, dv tail were zeroed
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_ops_pass_opcheck(math_backend):
+    """torch's own checks: schema, fake (meta) shapes against the real outputs, autograd registration."""
+    q, k, v, cu = make_inputs([6, 11, 3], 4, 2, head_dim=8, n_pad_entries=1, seed=5)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    torch.library.opcheck(attention.varlen_attn_fwd, (q, k, v, cu, 11, 3, "math_op"))
+    out, lse = attention.varlen_attn_fwd(q.detach(), k.detach(), v.detach(), cu, 11, 3, "math_op")
+    assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    dout = torch.randn_like(out)
+    torch.library.opcheck(attention.varlen_attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out, lse, cu, 11, 3,
+                                                      "math_op"))
+
+
+def _packing(lengths, rows, seq_len, max_seqs, seed):
+    """A packed batch in the packer's layout: (rows*seq_len,) ids and positions, cu_seqlens of max_seqs + 1."""
+    g = torch.Generator().manual_seed(seed)
+    bounds, positions = [0], []
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+        positions += list(range(length))
+    bounds += [bounds[-1]] * (max_seqs + 1 - len(bounds))
+    total = rows * seq_len
+    assert bounds[-1] == total
+    ids = torch.randint(0, 97, (total,), generator=g)
+    return ids.view(rows, seq_len), torch.tensor(positions).view(rows, seq_len), torch.tensor(bounds, dtype=torch.int32)
+
+
+def test_compiled_model_is_one_graph_with_no_recompiles_across_packings(math_backend):
+    """fullgraph=True fails on any graph break; the counter sees one compiled frame over three different packings,
+    and the compiled model's logits and gradients equal the eager model on the exact fallback."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fastsft.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    config = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, short_window=5,
+                       window_pattern="SL")
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():  # projections start at zero: make attention matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert attention.select_backend("cpu") == "math_op"  # decided before tracing, as the driver does
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model.forward_packed, backend=counter, fullgraph=True)
+    packings = [[20, 12, 9, 23], [32, 5, 5, 5, 17], [1, 31, 30, 2]]
+    for i, lengths in enumerate(packings):
+        ids, pos, cu = _packing(lengths, rows=2, seq_len=32, max_seqs=8, seed=i)
+        logits = compiled(ids, pos, cu, 32)
+        model.zero_grad()
+        logits.square().mean().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        calls = math_backend.forward_calls
+        attention.set_backend("sdpa_segments")
+        try:
+            model.zero_grad()
+            want_logits = model.forward_packed(ids, pos, cu, 32)
+            want_logits.square().mean().backward()
+        finally:
+            attention.set_backend("math_op")
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        for g, p in zip(got, model.parameters()):
+            torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+        assert calls == config.n_layer * (i + 1)  # every layer ran the op kernels, once per batch
+    assert counter.frame_count == 1
+    assert math_backend.backward_calls == config.n_layer * len(packings)
+
+
+def test_flash_attn_4_is_preferred_and_runs_through_the_op(monkeypatch):
+    """The preference order, with every probe passing as on a GPU machine with all wheels installed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_PROBES", {name: (lambda: None) for name in attention._PROBES})
+    attention.available_backends.cache_clear()
+    try:
+        assert attention.available_backends("cuda") == attention.BACKENDS
+        assert attention.BACKENDS[:2] == ("flash_attn_4", "flash_attn_3")
+    finally:
+        attention.available_backends.cache_clear()
+    assert "flash_attn_4" in attention._OP_KERNELS and "flash_attn_4" not in attention._IMPLS
