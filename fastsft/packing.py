@@ -51,6 +51,34 @@ def default_max_seqs(rows: int, seq_len: int) -> int:
     return rows * (seq_len // SEGMENT_TOKENS + 2)
 
 
+# Per-row budgets segment_budget rounds up to (steps of about 1.5x): runs on similar data get the same cu_seqlens
+# length, so compiled graphs and attention kernels are shared between them.
+SEGMENT_BUCKETS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SEGMENT_HEADROOM = 1.25  # above the mean count, for batches that draw shorter conversations than average
+
+
+def segment_budget(lengths: Sequence[int] | np.ndarray, rows: int, seq_len: int) -> int:
+    """A cu_seqlens budget (max_seqs) sized to the data, from a sample of rendered conversation lengths.
+
+    The default budget (default_max_seqs: 66 per row of 2048) is for data of ~32-token conversations; attention
+    kernels launch work for every segment entry, mostly empty for chat data (measured on an H200 at d12: attention
+    54.7 ms at 66 segments per row, 27.2 ms at 8). A full row holds on average seq_len / mean length
+    conversations (lengths cut to seq_len, as the packer does); the budget per row is that times
+    SEGMENT_HEADROOM, plus one for the row's padding segment, rounded up to a SEGMENT_BUCKETS entry and never above
+    the default. A batch that would need more segments leaves the rest over for the next batch (pack_rows'
+    leftover), so a small budget costs fill, never data.
+    """
+    rows = _check_int("rows", rows, 1)
+    seq_len = _check_int("seq_len", seq_len, 1)
+    clipped = np.minimum(np.asarray(lengths, dtype=np.int64).reshape(-1), seq_len)
+    if clipped.size == 0 or clipped.min() < 1:
+        raise ValueError("segment_budget needs a non-empty sample of positive conversation lengths")
+    per_row = 1 + SEGMENT_HEADROOM * seq_len / float(clipped.mean())
+    ceiling = seq_len // SEGMENT_TOKENS + 2  # default_max_seqs per row
+    bucket = next((b for b in SEGMENT_BUCKETS if b >= per_row), ceiling)
+    return rows * min(bucket, ceiling)
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
