@@ -1,13 +1,24 @@
-// Checks on numpy arrays that cross into C++: the data path takes raw pointers, so a wrong dtype, a
-// non-contiguous view or a wrong rank must fail loudly at the boundary instead of being reinterpreted.
+// Checks on what crosses into C++: numpy arrays (dtype, rank, layout) and Python ints (range), so that a wrong
+// argument fails loudly at the boundary, naming the function and the argument, instead of being reinterpreted.
+//
+// Memory safety rule of the extension: a caller's array is read exactly once, by owned_1d(), with the GIL held,
+// into memory the extension owns; every check and every read after that (in particular all work done with the GIL
+// released) uses only that copy and the extension's own outputs. Another thread that writes to, resizes or frees
+// the caller's array while the GIL is released can then change nothing the extension relies on. The copy is a
+// memcpy from recycled pool memory (buffer_pool.h): small next to the work that follows it.
 #pragma once
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <climits>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#include "buffer_pool.h"
 
 namespace fastsft {
 
@@ -44,6 +55,71 @@ const T* checked_1d(const py::array& a, const char* func, const char* arg) {
                          (layout_ok ? "" : " (wrong rank or not C-contiguous)"));
   }
   return static_cast<const T*>(a.data());
+}
+
+// A 1-D array the extension owns: pool memory, returned to the pool when the object dies. Move-only.
+template <typename T>
+class Owned {
+ public:
+  explicit Owned(int64_t size)
+      : data_(static_cast<T*>(BufferPool::instance().acquire(static_cast<size_t>(size) * sizeof(T)))),
+        size_(size) {}
+  Owned(Owned&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr; }
+  Owned& operator=(Owned&& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() {
+    if (data_ != nullptr) BufferPool::instance().release(data_);
+  }
+  // Hands the memory to a numpy array of the first `count` elements (count <= size), freed back to the pool.
+  py::array_t<T> into_array(int64_t count) && {
+    T* data = data_;
+    data_ = nullptr;
+    py::capsule owner(data, [](void* p) { BufferPool::instance().release(p); });
+    return py::array_t<T>({static_cast<py::ssize_t>(count)}, data, owner);
+  }
+  const T* data() const { return data_; }
+  T* data() { return data_; }
+  int64_t size() const { return size_; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  T* data_;
+  int64_t size_;
+};
+
+// The checked_1d() array copied into owned memory (must be called with the GIL held; see the rule at the top).
+template <typename T>
+Owned<T> owned_1d(const py::array& a, const char* func, const char* arg) {
+  const T* src = checked_1d<T>(a, func, arg);
+  Owned<T> copy(a.shape(0));
+  if (copy.size() > 0) std::memcpy(copy.data(), src, static_cast<size_t>(copy.size()) * sizeof(T));
+  return copy;
+}
+
+// A Python int argument as int64, or a TypeError / ValueError naming the function and the argument (pybind's own
+// conversion would answer an out-of-range int with "incompatible function arguments"). bool is refused: a flag
+// passed where a size belongs is a bug, not the number 0 or 1.
+inline int64_t int64_arg(const py::handle& value, const char* func, const char* arg) {
+  PyObject* o = value.ptr();
+  if (PyBool_Check(o) || !PyIndex_Check(o)) {
+    throw py::type_error(std::string(func) + ": argument '" + arg + "' must be an int, got " +
+                         Py_TYPE(o)->tp_name);
+  }
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0) {
+    throw py::value_error(std::string(func) + ": argument '" + arg + "' = " + std::string(py::str(index)) +
+                          " is outside the int64 range");
+  }
+  return static_cast<int64_t>(v);
 }
 
 // Offsets arrays (prefix sums) must start at 0, never decrease and end at the length of what they index.

@@ -1,6 +1,6 @@
 // Packing rendered conversations into fixed-size rows (C++ side of fastsft.packing.pack_rows).
 //
-// Two steps, both with the GIL released:
+// Two steps, both with the GIL released, both working on owned copies of their inputs (array_checks.h):
 //   pack_place: best-fit decreasing placement of whole conversations into rows of seq_len tokens.
 //   pack_fill:  writes input_ids / targets / position_ids / cu_seqlens for a placement.
 // They are separate so that Python can choose the default max_seqs from the number of rows the placement
@@ -24,16 +24,48 @@ namespace fastsft {
 
 namespace {
 
+// Token ids must be >= 0 (int32 holds no larger value than 2^31 - 1) and mask values 0 or 1: a mask of 7 or a
+// negative id would otherwise turn into targets that differ from the reference. Errors name the conversation.
+void check_ids_and_mask(const Owned<int32_t>& ids, const Owned<uint8_t>& mask, const Owned<int64_t>& offsets,
+                        const char* fn) {
+  auto conversation_of = [&](int64_t p) {
+    return std::upper_bound(offsets.data(), offsets.data() + offsets.size(), p) - offsets.data() - 1;
+  };
+  for (int64_t p = 0; p < ids.size(); ++p) {
+    if (ids[p] < 0) {
+      const int64_t c = conversation_of(p);
+      throw py::value_error(std::string(fn) + ": conversation " + std::to_string(c) + " holds token id " +
+                            std::to_string(ids[p]) + " at position " + std::to_string(p - offsets[c]) +
+                            ", outside [0, 2^31)");
+    }
+    if (mask[p] > 1) {
+      const int64_t c = conversation_of(p);
+      throw py::value_error(std::string(fn) + ": conversation " + std::to_string(c) + " mask holds " +
+                            std::to_string(mask[p]) + " at position " + std::to_string(p - offsets[c]) +
+                            "; mask values must be 0 or 1");
+    }
+  }
+}
+
 // Best-fit decreasing. Conversations are visited longest first (length clipped to seq_len; ties by input
 // order); each goes to the row with the least free space that still holds it (ties: lowest row index).
 // With num_rows >= 0 the rows are fixed and a conversation that fits nowhere, or that would push the
 // segment count past max_seqs (one padding segment reserved per row), is left over (row = -1). With
 // num_rows < 0 a new row is opened whenever nothing fits, which is the same rule with unlimited empty rows.
-py::tuple pack_place(const py::array& lengths_arr, int64_t seq_len, int64_t num_rows, int64_t max_seqs) {
+py::tuple pack_place(const py::array& lengths_arr, const py::object& seq_len_obj, const py::object& num_rows_obj,
+                     const py::object& max_seqs_obj) {
   const char* fn = "pack_place";
-  const int64_t* lengths = checked_1d<int64_t>(lengths_arr, fn, "lengths");
-  const int64_t n = lengths_arr.shape(0);
+  const Owned<int64_t> lengths = owned_1d<int64_t>(lengths_arr, fn, "lengths");
+  const int64_t n = lengths.size();
+  const int64_t seq_len = int64_arg(seq_len_obj, fn, "seq_len");
+  const int64_t num_rows = int64_arg(num_rows_obj, fn, "num_rows");
+  const int64_t max_seqs = int64_arg(max_seqs_obj, fn, "max_seqs");
   if (seq_len < 1) throw py::value_error("pack_place: seq_len must be >= 1, got " + std::to_string(seq_len));
+  // rows * seq_len must fit the int32 cu_seqlens; written as a division so that the guard cannot overflow.
+  if (num_rows > INT32_MAX / seq_len) {
+    throw py::value_error("pack_place: num_rows=" + std::to_string(num_rows) + " rows of seq_len=" +
+                          std::to_string(seq_len) + " tokens exceed the 2^31 - 1 tokens of the int32 cu_seqlens");
+  }
   if (num_rows >= 0 && max_seqs >= 0 && max_seqs < num_rows) {
     throw py::value_error("pack_place: max_seqs=" + std::to_string(max_seqs) + " is smaller than num_rows=" +
                           std::to_string(num_rows) + "; every row needs at least one cu_seqlens segment");
@@ -102,33 +134,43 @@ py::tuple pack_place(const py::array& lengths_arr, int64_t seq_len, int64_t num_
 // token of each placed conversation and all padding get -1. Padding fills each row's tail as one segment.
 py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const py::array& offsets_arr,
                     const py::array& row_arr, const py::array& offset_arr, const py::array& placed_arr,
-                    int64_t rows, int64_t seq_len, int64_t pad_id, int64_t max_seqs) {
+                    const py::object& rows_obj, const py::object& seq_len_obj, const py::object& pad_id_obj,
+                    const py::object& max_seqs_obj) {
   const char* fn = "pack_fill";
-  const int32_t* ids = checked_1d<int32_t>(ids_arr, fn, "ids");
-  const uint8_t* mask = checked_1d<uint8_t>(mask_arr, fn, "mask");
-  const int64_t* conv_offsets = checked_1d<int64_t>(offsets_arr, fn, "offsets");
-  const int64_t* row = checked_1d<int64_t>(row_arr, fn, "row");
-  const int64_t* offset = checked_1d<int64_t>(offset_arr, fn, "offset");
-  const int64_t* placed_len = checked_1d<int64_t>(placed_arr, fn, "placed_len");
-  const int64_t total_in = ids_arr.shape(0);
-  if (mask_arr.shape(0) != total_in) {
+  // Owned copies (array_checks.h): everything below, with or without the GIL, reads only these.
+  const Owned<int32_t> ids = owned_1d<int32_t>(ids_arr, fn, "ids");
+  const Owned<uint8_t> mask = owned_1d<uint8_t>(mask_arr, fn, "mask");
+  const Owned<int64_t> conv_offsets = owned_1d<int64_t>(offsets_arr, fn, "offsets");
+  const Owned<int64_t> row = owned_1d<int64_t>(row_arr, fn, "row");
+  const Owned<int64_t> offset = owned_1d<int64_t>(offset_arr, fn, "offset");
+  const Owned<int64_t> placed_len = owned_1d<int64_t>(placed_arr, fn, "placed_len");
+  const int64_t rows = int64_arg(rows_obj, fn, "rows");
+  const int64_t seq_len = int64_arg(seq_len_obj, fn, "seq_len");
+  const int64_t pad_id = int64_arg(pad_id_obj, fn, "pad_id");
+  const int64_t max_seqs = int64_arg(max_seqs_obj, fn, "max_seqs");
+  const int64_t total_in = ids.size();
+  if (mask.size() != total_in) {
     throw py::value_error("pack_fill: ids has " + std::to_string(total_in) + " tokens but mask has " +
-                          std::to_string(mask_arr.shape(0)));
+                          std::to_string(mask.size()));
   }
-  const int64_t n = offsets_arr.shape(0) - 1;
-  check_offsets(conv_offsets, n + 1, total_in, fn, "offsets");
-  if (row_arr.shape(0) != n || offset_arr.shape(0) != n || placed_arr.shape(0) != n) {
+  const int64_t n = conv_offsets.size() - 1;
+  check_offsets(conv_offsets.data(), n + 1, total_in, fn, "offsets");
+  if (row.size() != n || offset.size() != n || placed_len.size() != n) {
     throw py::value_error("pack_fill: row/offset/placed_len must each have one entry per conversation (" +
                           std::to_string(n) + ")");
   }
+  check_ids_and_mask(ids, mask, conv_offsets, fn);
   if (seq_len < 1 || rows < 0) {
     throw py::value_error("pack_fill: need seq_len >= 1 and rows >= 0, got seq_len=" + std::to_string(seq_len) +
                           ", rows=" + std::to_string(rows));
   }
-  if (max_seqs < 0) throw py::value_error("pack_fill: max_seqs must be >= 0, got " + std::to_string(max_seqs));
-  if (rows * seq_len > INT32_MAX) {
-    throw py::value_error("pack_fill: rows * seq_len = " + std::to_string(rows * seq_len) +
-                          " does not fit the int32 cu_seqlens");
+  if (max_seqs < 0 || max_seqs >= INT32_MAX) {
+    throw py::value_error("pack_fill: max_seqs must be in [0, 2^31 - 1), got " + std::to_string(max_seqs));
+  }
+  // The cu_seqlens are int32: rows * seq_len must fit. A division, so that the guard itself cannot overflow.
+  if (rows > INT32_MAX / seq_len) {
+    throw py::value_error("pack_fill: rows=" + std::to_string(rows) + " x seq_len=" + std::to_string(seq_len) +
+                          " tokens exceed the 2^31 - 1 tokens of the int32 cu_seqlens");
   }
   // The placement must tile each row: in range, and no two conversations overlapping.
   std::vector<std::vector<std::pair<int64_t, int64_t>>> per_row(rows);
@@ -136,7 +178,7 @@ py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const p
     if (row[i] < 0) continue;
     const int64_t conv_len = conv_offsets[i + 1] - conv_offsets[i];
     if (row[i] >= rows || offset[i] < 0 || placed_len[i] < 1 || placed_len[i] > conv_len ||
-        offset[i] + placed_len[i] > seq_len) {
+        offset[i] > seq_len - placed_len[i]) {  // not offset + length > seq_len: that sum could overflow
       throw py::value_error("pack_fill: placement of conversation " + std::to_string(i) + " (row " +
                             std::to_string(row[i]) + ", offset " + std::to_string(offset[i]) + ", length " +
                             std::to_string(placed_len[i]) + ") does not fit " + std::to_string(rows) +
@@ -165,7 +207,7 @@ py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const p
     py::gil_scoped_release release;
     // cu_seqlens is built while walking the rows in order; it may overflow max_seqs, checked after.
     std::vector<int64_t> bounds;
-    bounds.reserve(static_cast<size_t>(max_seqs) + 1);
+    bounds.reserve(static_cast<size_t>(std::min(max_seqs, n + rows)) + 1);  // segments <= conversations + rows
     bounds.push_back(0);
     for (int64_t r = 0; r < rows && !overlap; ++r) {
       auto& convs = per_row[r];
@@ -181,8 +223,8 @@ py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const p
           break;
         }
         const int64_t len = placed_len[i];
-        const int32_t* src = ids + conv_offsets[i];
-        const uint8_t* src_mask = mask + conv_offsets[i];
+        const int32_t* src = ids.data() + conv_offsets[i];
+        const uint8_t* src_mask = mask.data() + conv_offsets[i];
         for (int64_t j = 0; j < len; ++j) {
           row_ids[start + j] = src[j];
           row_pos[start + j] = j;

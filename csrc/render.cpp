@@ -3,9 +3,9 @@
 // Python validates the conversations, turns each into a short program of "ops" (a special token or a text
 // span, each with its mask value packed into the op's code) and encodes all text spans of the batch in one
 // tokenizer call. Here the ops are expanded into one flat ids array and one flat mask array with
-// per-conversation offsets, truncated to max_tokens per conversation, with the GIL released. No Python object
-// is touched per token except in flatten_token_lists, which copies the tokenizer's output lists into one
-// int32 array.
+// per-conversation offsets, truncated to max_tokens per conversation, with the GIL released, from owned copies of
+// the inputs (array_checks.h). No Python object is touched per token except in flatten_token_lists, which copies
+// the tokenizer's output lists into one int32 array.
 #include <Python.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -49,44 +49,69 @@ inline bool read_compact_int(PyObject* o, long* out) {
 
 // list[list[int]] (the tokenizer's encode_batch output) -> (tokens int32 (T,), span_offsets int64 (S+1,)).
 // Runs with the GIL held (it reads Python ints) but with the C API, not a Python-level loop.
+//
+// Each list is read exactly once, straight into owned memory, and every size and item is re-read after anything
+// that can run Python code: an id object's __index__ may grow, shrink or drop any of the lists (or the outer
+// one), so a size or an item pointer read before it is stale after it. The outer list is snapshotted as a tuple,
+// each span is held by a strong reference while it is read, and each non-int item is held while it converts.
 py::tuple flatten_token_lists(const py::object& lists) {
-  PyObject* outer = PySequence_Fast(lists.ptr(), "flatten_token_lists: expected a list of lists of token ids");
-  if (outer == nullptr) throw py::error_already_set();
-  py::object outer_guard = py::reinterpret_steal<py::object>(outer);
-  const Py_ssize_t num_spans = PySequence_Fast_GET_SIZE(outer);
-  PyObject** spans = PySequence_Fast_ITEMS(outer);
+  const char* fn = "flatten_token_lists";
+  if (!PySequence_Check(lists.ptr()) || PyUnicode_Check(lists.ptr()) || PyBytes_Check(lists.ptr())) {
+    throw py::type_error(std::string(fn) + ": expected a list of lists of token ids, got " +
+                         Py_TYPE(lists.ptr())->tp_name);
+  }
+  py::tuple spans = py::reinterpret_steal<py::tuple>(PySequence_Tuple(lists.ptr()));
+  if (!spans) throw py::error_already_set();
+  const Py_ssize_t num_spans = PyTuple_GET_SIZE(spans.ptr());
 
+  // The spans as lists or tuples (PySequence_Fast), held to the end; their sizes only size the first buffer.
   std::vector<py::object> inner(num_spans);
-  py::array_t<int64_t> offsets_arr(num_spans + 1);
-  int64_t* offsets = offsets_arr.mutable_data();
-  offsets[0] = 0;
+  int64_t capacity = 0;
   for (Py_ssize_t s = 0; s < num_spans; ++s) {
-    PyObject* seq = PySequence_Fast(spans[s], "flatten_token_lists: every span must be a list of token ids");
+    PyObject* seq = PySequence_Fast(PyTuple_GET_ITEM(spans.ptr(), s),
+                                    "flatten_token_lists: every span must be a list of token ids");
     if (seq == nullptr) throw py::error_already_set();
     inner[s] = py::reinterpret_steal<py::object>(seq);
-    offsets[s + 1] = offsets[s] + PySequence_Fast_GET_SIZE(seq);
+    capacity += PySequence_Fast_GET_SIZE(seq);
   }
-  py::array_t<int32_t> tokens_arr = pooled_array<int32_t>({offsets[num_spans]});
-  int32_t* tokens = tokens_arr.mutable_data();
+
+  py::array_t<int64_t> offsets_arr(num_spans + 1);
+  int64_t* offsets = offsets_arr.mutable_data();
+  Owned<int32_t> tokens(capacity);
+  int64_t count = 0;
+  offsets[0] = 0;
   for (Py_ssize_t s = 0; s < num_spans; ++s) {
     PyObject* seq = inner[s].ptr();
-    const Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    int32_t* dst = tokens + offsets[s];
-    for (Py_ssize_t j = 0; j < len; ++j) {
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq); ++j) {  // re-read: __index__ may resize it
+      PyObject* item = PySequence_Fast_GET_ITEM(seq, j);
       long v;
-      if (!read_compact_int(items[j], &v)) {
-        v = PyLong_AsLong(items[j]);
-        if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+      if (!read_compact_int(item, &v)) {  // the slow path may run Python code
+        py::object held = py::reinterpret_borrow<py::object>(item);
+        v = PyLong_AsLong(item);
+        if (v == -1 && PyErr_Occurred()) {
+          const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+          const bool type = PyErr_ExceptionMatches(PyExc_TypeError);
+          if (!overflow && !type) throw py::error_already_set();
+          PyErr_Clear();
+          const std::string at = std::string(fn) + ": span " + std::to_string(s) + " position " + std::to_string(j);
+          if (overflow) throw py::value_error(at + " holds a token id outside [0, 2^31)");
+          throw py::type_error(at + " holds a " + Py_TYPE(held.ptr())->tp_name + ", not an int token id");
+        }
       }
       if (v < 0 || v > INT32_MAX) {
-        throw py::value_error("flatten_token_lists: span " + std::to_string(s) + " position " + std::to_string(j) +
+        throw py::value_error(std::string(fn) + ": span " + std::to_string(s) + " position " + std::to_string(j) +
                               " holds token id " + std::to_string(v) + ", outside [0, 2^31)");
       }
-      dst[j] = static_cast<int32_t>(v);
+      if (count == tokens.size()) {  // a list grew while being read: move to a larger buffer
+        Owned<int32_t> larger(2 * count + 16);
+        if (count > 0) std::memcpy(larger.data(), tokens.data(), static_cast<size_t>(count) * sizeof(int32_t));
+        tokens = std::move(larger);
+      }
+      tokens.data()[count++] = static_cast<int32_t>(v);
     }
+    offsets[s + 1] = count;
   }
-  return py::make_tuple(tokens_arr, offsets_arr);
+  return py::make_tuple(std::move(tokens).into_array(count), offsets_arr);
 }
 
 // ops: int64 (M,), one program for the whole batch; every op carries the mask value m of what it emits:
@@ -95,20 +120,28 @@ py::tuple flatten_token_lists(const py::object& lists) {
 // conv_ops: int64 (N+1,), the ops of conversation i are ops[conv_ops[i]:conv_ops[i+1]].
 // Returns (ids int32 (L,), mask uint8 (L,), offsets int64 (N+1,)), each conversation cut to max_tokens.
 py::tuple render_assemble(const py::array& tokens_arr, const py::array& span_offsets_arr, const py::array& ops_arr,
-                          const py::array& conv_ops_arr, int64_t max_tokens) {
+                          const py::array& conv_ops_arr, const py::object& max_tokens_obj) {
   const char* fn = "render_assemble";
-  const int32_t* tokens = checked_1d<int32_t>(tokens_arr, fn, "tokens");
-  const int64_t* span_offsets = checked_1d<int64_t>(span_offsets_arr, fn, "span_offsets");
-  const int64_t* ops = checked_1d<int64_t>(ops_arr, fn, "ops");
-  const int64_t* conv_ops = checked_1d<int64_t>(conv_ops_arr, fn, "conv_ops");
-  const int64_t num_spans = span_offsets_arr.shape(0) - 1;
-  const int64_t num_ops = ops_arr.shape(0);
-  const int64_t n = conv_ops_arr.shape(0) - 1;
+  // Owned copies (array_checks.h): everything below, with or without the GIL, reads only these.
+  const Owned<int32_t> tokens = owned_1d<int32_t>(tokens_arr, fn, "tokens");
+  const Owned<int64_t> span_offsets = owned_1d<int64_t>(span_offsets_arr, fn, "span_offsets");
+  const Owned<int64_t> ops = owned_1d<int64_t>(ops_arr, fn, "ops");
+  const Owned<int64_t> conv_ops = owned_1d<int64_t>(conv_ops_arr, fn, "conv_ops");
+  const int64_t max_tokens = int64_arg(max_tokens_obj, fn, "max_tokens");
+  const int64_t num_spans = span_offsets.size() - 1;
+  const int64_t num_ops = ops.size();
+  const int64_t n = conv_ops.size() - 1;
   if (max_tokens < 1) {
     throw py::value_error("render_assemble: max_tokens must be >= 1, got " + std::to_string(max_tokens));
   }
-  check_offsets(span_offsets, num_spans + 1, tokens_arr.shape(0), fn, "span_offsets");
-  check_offsets(conv_ops, n + 1, num_ops, fn, "conv_ops");
+  check_offsets(span_offsets.data(), num_spans + 1, tokens.size(), fn, "span_offsets");
+  check_offsets(conv_ops.data(), n + 1, num_ops, fn, "conv_ops");
+  for (int64_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0) {
+      throw py::value_error("render_assemble: tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[t]) +
+                            " is not a token id (ids are >= 0)");
+    }
+  }
   int64_t span_ops = 0;
   for (int64_t k = 0; k < num_ops; ++k) {
     if (ops[k] < -2 || (ops[k] >> 1) > INT32_MAX) {
@@ -163,7 +196,7 @@ py::tuple render_assemble(const py::array& tokens_arr, const py::array& span_off
           ++pos;
         } else {
           const int64_t len = std::min(span_offsets[span + 1] - span_offsets[span], end - pos);
-          std::memcpy(ids + pos, tokens + span_offsets[span], static_cast<size_t>(len) * sizeof(int32_t));
+          std::memcpy(ids + pos, tokens.data() + span_offsets[span], static_cast<size_t>(len) * sizeof(int32_t));
           std::memset(mask + pos, ops[k] == -2 ? 1 : 0, static_cast<size_t>(len));
           pos += len;
           ++span;
