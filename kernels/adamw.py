@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
                             runs_triton, table_pointers, tl_dtype)
+from .paths import REFERENCE, TRITON, record
 
 _GPU_BLOCK = 2048
 _GPU_WARPS = 4
@@ -175,6 +176,7 @@ class AdamW(torch.optim.Optimizer):
         param_dtype = tl_dtype(dtype, f"AdamW group {gi}")
         if not runs_triton(device):
             adamw_reference_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, wd)
+            record("adamw", REFERENCE)
             return
         block = self._block_size or (_INTERPRETER_BLOCK if interpreter_enabled() else _GPU_BLOCK)
         rows = []
@@ -194,6 +196,7 @@ class AdamW(torch.optim.Optimizer):
             PARAM_DTYPE=param_dtype, IS_BF16=dtype == torch.bfloat16, MANUAL_ROUNDING=interpreter_enabled(),
             ALIGNED=aligned, BLOCK=block, num_warps=self._num_warps,
         )
+        record("adamw", TRITON)
 
     def _tiles(self, numels, block, device):
         key = (numels, block, device)

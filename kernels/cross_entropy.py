@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
 from ._multi_tensor import runs_triton
+from .paths import REFERENCE, TRITON, record
 
 
 def cross_entropy_reference(logits, targets, softcap=None):
@@ -68,6 +69,7 @@ def _forward_impl(logits, targets, softcap):
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     ce_rows(logits, targets, lse, loss, softcap=softcap)
+    record("cross_entropy", TRITON)
     return loss.sum(), (targets >= 0).sum(), lse
 
 
@@ -99,6 +101,7 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     ce_rows(logits, targets, lse, None, softcap=softcap, grad_out=grad, grad_scale=grad_loss.float(), compute_lse=False)
+    record("cross_entropy_backward", TRITON)
     return grad
 
 
@@ -114,6 +117,7 @@ def _backward_inplace(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Te
         raise ValueError("cross_entropy: inplace_backward needs logits contiguous along the vocabulary")
     ce_rows(logits, targets, lse, None, softcap=softcap, grad_out=logits, grad_scale=grad_loss.float(),
             compute_lse=False)
+    record("cross_entropy_backward", TRITON)
 
 
 @_backward_inplace.register_fake
@@ -164,6 +168,7 @@ def cross_entropy(logits, targets, softcap=None, *, inplace_backward=False):
         n_bad = int(((targets < -1) | (targets >= vocab)).sum())
         if n_bad:
             raise ValueError(f"cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, -1 = ignore)")
+        record("cross_entropy", REFERENCE)  # its backward is autograd's, not recorded
         return cross_entropy_reference(logits, targets, softcap)
     op = _forward_for_inplace if inplace_backward else _forward
     loss, n, _lse = op(logits, targets, softcap)

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from ._ce_rows import ce_rows, check_softcap
 from ._grad_tile import grad_tile
 from ._multi_tensor import runs_triton
+from .paths import REFERENCE, TRITON, record
 from ._scatter_rows import scatter_rows_home
 
 LAYOUTS = ("low_memory", "fast")
@@ -360,6 +361,7 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
         dh = hidden.new_empty(0)  # outputs of a custom op must not alias each other
     if dw is None:
         dw = hidden.new_empty(0)
+    record("linear_cross_entropy", TRITON)  # both layouts; GRAD_IN_BACKWARD's backward records again
     return loss_sum, n_supervised, dh, dw
 
 
@@ -447,6 +449,7 @@ def _reference_on_cpu(hidden, weight, targets, softcap):
     if n_bad:
         raise ValueError(f"linear_cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, "
                          f"-1 = ignore)")
+    record("linear_cross_entropy", REFERENCE)
     return linear_cross_entropy_reference(hidden, weight, targets, softcap)
 
 

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
                             runs_triton, table_pointers, tl_dtype)
+from .paths import REFERENCE, TRITON, record
 
 POLAR_EXPRESS_COEFFICIENTS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -351,7 +352,9 @@ def orthogonalize_(ws: MuonWorkspace, coefficients, scale=None) -> torch.Tensor:
     """
     x, x_next = ws.x, ws.x_next
     if ws.gram == "bmm" or not coefficients:
+        record("muon_gram", "bmm")
         return _orthogonalize_bmm_(ws, coefficients, scale)
+    record("muon_gram", "triangle")
     scale_sq = scale * scale if scale is not None else None
     for step, (a, b, c) in enumerate(coefficients):
         first = step == 0 and scale is not None
@@ -417,6 +420,7 @@ def muon_update_stacked(params, grads, momentum_buffer, ws, *, lr, momentum, nes
         PARAM_DTYPE=tl_dtype(params[0].dtype, "Muon parameter"), IS_BF16=params[0].dtype == torch.bfloat16,
         MANUAL_ROUNDING=manual, ALIGNED=params_aligned, BLOCK=block, num_warps=warps,
     )
+    record("muon", TRITON)
 
 
 class _Stack:
@@ -486,6 +490,7 @@ class Muon(torch.optim.Optimizer):
                              coefficients=coefficients, weight_decay=float(group["weight_decay"]))
                 if stack.workspace is None:  # CPU tensors without the Triton interpreter
                     muon_reference_step(params, grads, stack.buffer, **hyper)
+                    record("muon", REFERENCE)
                 else:
                     muon_update_stacked(params, grads, stack.buffer, stack.workspace, **hyper, block=self._block,
                                         num_warps=self._num_warps)

@@ -2,7 +2,8 @@
 
 On a CPU-only machine the Triton kernel runs under the interpreter (tests/conftest.py); with CUDA the same tests
 run the compiled kernel on the GPU. A small block size makes the odd-sized tensors span several tiles with a
-ragged last one.
+ragged last one. Every comparison asserts that the Triton step ran (fastsft.kernels.paths); the fallback for CPU
+tensors without the interpreter has a test of its own.
 """
 
 import copy
@@ -10,12 +11,21 @@ import copy
 import pytest
 import torch
 
-from fastsft.kernels import AdamW
+from fastsft.kernels import AdamW, paths
 from fastsft.kernels.adamw import adamw_reference_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = [(37,), (5, 19), (3, 7, 11), (130,)]
 BLOCK = 64  # tensors of 37..231 elements -> 1..4 tiles each, last one partial
+
+
+@pytest.fixture(autouse=True)
+def reset_paths():
+    paths.reset()
+
+
+def assert_kernel_ran():
+    assert paths.ran("adamw") == paths.TRITON, f"AdamW took the {paths.ran('adamw')} path, not the Triton kernel"
 
 
 def make_params(dtype, seed=0):
@@ -52,6 +62,7 @@ def test_fp32_matches_torch_adamw():
     opt = AdamW(groups(ours), lr=1.0, block_size=BLOCK)
     opt_ref = torch.optim.AdamW(groups(ref), lr=1.0, foreach=False)
     run(opt, ours, 6, torch.float32)
+    assert_kernel_ran()
     run(opt_ref, ref, 6, torch.float32)
     for p, q, init in zip(ours, ref, make_params(torch.float32)):
         assert not torch.equal(p, init)
@@ -72,6 +83,7 @@ def test_bf16_params_keep_fp32_moments_and_round_once():
         for p, g in zip(ours, grads):
             p.grad = g
         opt.step()
+        assert_kernel_ran()
         for gi, group in enumerate(groups(list(range(len(SHAPES))))):
             idx = group["params"]
             adamw_reference_step([ref[i] for i in idx], [grads[i] for i in idx], [ref_m[i] for i in idx],
@@ -104,6 +116,7 @@ def test_state_dict_round_trip_continues_identically(dtype):
     for group_b, group_a in zip(opt_b.param_groups, opt_a.param_groups):
         assert group_b["lr"] == group_a["lr"] and group_b["betas"] == group_a["betas"]
     run(opt_b, resumed, 3, dtype, first_step=2)
+    assert_kernel_ran()
 
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
@@ -120,6 +133,7 @@ def test_parameter_without_grad_is_left_alone():
         p.grad = g
     params[1].grad = None
     opt.step()
+    assert_kernel_ran()
     assert torch.equal(params[1], before)
     assert params[1] not in opt.state
     assert not torch.equal(params[0], make_params(torch.float32)[0])
@@ -139,3 +153,17 @@ def test_bad_input_is_rejected_with_a_clear_error():
     q.grad = torch.randn_like(q)
     with pytest.raises(TypeError, match="unsupported dtype"):
         AdamW([q], lr=1e-3).step()
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CUDA tensors always take the Triton kernel")
+def test_cpu_without_interpreter_falls_back_to_the_reference_and_says_so(monkeypatch):
+    # A CPU machine without TRITON_INTERPRET=1 (the switch is read at each step): torch's AdamW math, recorded as the
+    # reference path, and equal to torch.optim.AdamW.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ours, ref = make_params(torch.float32), make_params(torch.float32)
+    opt = AdamW(groups(ours), lr=1.0, block_size=BLOCK)
+    run(opt, ours, 4, torch.float32)
+    assert paths.ran("adamw") == paths.REFERENCE
+    run(torch.optim.AdamW(groups(ref), lr=1.0, foreach=False), ref, 4, torch.float32)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
 """fastsft.kernels.cross_entropy (Triton, interpreted on the CPU) against its fp32 PyTorch reference, and its
-reference fallback where Triton cannot run."""
+reference fallback where Triton cannot run. Every comparison asserts that the kernel ran (fastsft.kernels.paths):
+where Triton cannot run, the op takes the reference, and the comparison would be the reference against itself."""
 
 import textwrap
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import fastsft.kernels._ce_rows as ce_rows_mod
+from fastsft.kernels import paths
 from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 
 TOL = {torch.float32: dict(loss=1e-5, grad=1e-5), torch.bfloat16: dict(loss=2e-3, grad=2e-2)}
@@ -16,6 +18,12 @@ TOL = {torch.float32: dict(loss=1e-5, grad=1e-5), torch.bfloat16: dict(loss=2e-3
 def small_vocab_blocks(monkeypatch):
     # V=203 then spans four 64-wide blocks: the online log-sum-exp crosses block boundaries and a partial block.
     monkeypatch.setattr(ce_rows_mod, "INTERPRETED_BLOCK_V", 64)
+    paths.reset()
+
+
+def assert_kernel_ran(backward=True):
+    for op in ("cross_entropy", "cross_entropy_backward") if backward else ("cross_entropy",):
+        assert paths.ran(op) == paths.TRITON, f"{op} took the {paths.ran(op)} path, not the Triton kernel"
 
 
 def case_seed(dtype, softcap, ignored_fraction):
@@ -53,6 +61,7 @@ def test_matches_reference(dtype, softcap, ignored_fraction):
     upstream = 0.37  # a non-unit upstream gradient must scale the logits gradient
     loss, n, grad = loss_and_grad(cross_entropy, logits, targets, softcap, upstream)
     ref_loss, ref_n, ref_grad = loss_and_grad(cross_entropy_reference, logits, targets, softcap, upstream)
+    assert_kernel_ran()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert n.dtype == torch.int64 and int(n) == int(ref_n) == int((targets != -1).sum())
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
@@ -71,6 +80,7 @@ def test_single_partial_block_and_tiny_vocab(monkeypatch):
         logits, targets = make_case(7, vocab, torch.float32, 0.3, seed=vocab)
         loss, n, grad = loss_and_grad(cross_entropy, logits, targets, None, 1.0)
         ref_loss, _, ref_grad = loss_and_grad(cross_entropy_reference, logits, targets, None, 1.0)
+        assert_kernel_ran()
         assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
         assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
 
@@ -78,10 +88,12 @@ def test_single_partial_block_and_tiny_vocab(monkeypatch):
 def test_inplace_backward_writes_into_logits_storage():
     logits, targets = make_case(23, 203, torch.bfloat16, 0.5, seed=3)
     _, _, want = loss_and_grad(cross_entropy, logits, targets, 15.0, 0.5)
+    paths.reset()
     x = logits.detach().clone().requires_grad_()
     y = x * 1  # (N, V) intermediate, as the output of an lm_head
     loss, _ = cross_entropy(y, targets, 15.0, inplace_backward=True)
     (loss * 0.5).backward()
+    assert_kernel_ran()
     assert torch.equal(x.grad, want)
     # the gradient overwrote y's storage (the documented cost of inplace_backward)
     assert torch.equal(y.detach(), want)
@@ -104,6 +116,7 @@ def test_noncontiguous_logits():
     assert strided.stride(1) != 1
     loss, _, grad = loss_and_grad(cross_entropy, strided, targets, None, 1.0)
     ref_loss, _, ref_grad = loss_and_grad(cross_entropy_reference, logits, targets, None, 1.0)
+    assert_kernel_ran()
     assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert rel_err(grad, ref_grad) <= 1e-5
 
@@ -116,6 +129,7 @@ def test_outputs_fully_written():
         loss, n, grad = loss_and_grad(cross_entropy, logits, targets, 15.0, 1.0)
     finally:
         torch.use_deterministic_algorithms(False)
+    assert_kernel_ran()
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
@@ -124,6 +138,7 @@ def test_no_grad_forward_matches():
     with torch.no_grad():
         loss, n = cross_entropy(logits, targets, 15.0)
     ref, ref_n = cross_entropy_reference(logits, targets, 15.0)
+    assert_kernel_ran(backward=False)
     assert int(n) == int(ref_n)
     assert abs(float(loss) - float(ref)) <= 2e-3 * abs(float(ref))
 
@@ -140,9 +155,11 @@ def test_compiled_equals_eager_with_ignored_targets(backend, inplace_backward):
     compiled = torch.compile(mean_loss, backend=backend, fullgraph=True)
     outs = []
     for fn in (compiled, mean_loss):
+        paths.reset()
         x = logits.detach().clone().requires_grad_()
         value = fn(x)
         value.backward()
+        assert_kernel_ran()  # compiled too: the custom ops run their Triton bodies inside the graph
         outs.append((value.detach(), x.grad))
     (v_c, g_c), (v_e, g_e) = outs
     assert torch.allclose(v_c, v_e, rtol=1e-6)
@@ -169,6 +186,7 @@ def test_bad_inputs_raise_clear_errors():
 
 CPU_FALLBACK_SCRIPT = textwrap.dedent("""
     import torch
+    from fastsft.kernels import paths
     from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(11, 23, generator=gen) * 3
@@ -177,12 +195,22 @@ CPU_FALLBACK_SCRIPT = textwrap.dedent("""
     for kw in (dict(), dict(inplace_backward=True)):
         outs = []
         for fn, fn_kw in ((cross_entropy, kw), (cross_entropy_reference, {})):
+            paths.reset()
             x = logits.clone().requires_grad_()
             loss, n = fn(x * 1, targets, 9.0, **fn_kw)
             (loss * 0.37).backward()
             outs.append((loss.detach(), n, x.grad))
+            if fn is cross_entropy:  # the fallback says so, and no kernel claims to have run
+                assert paths.ran("cross_entropy") == paths.REFERENCE, paths.ran("cross_entropy")
+                assert paths.ran("cross_entropy_backward") is None, paths.ran("cross_entropy_backward")
         for got, want in zip(*outs):
             assert torch.equal(got, want), (kw, got, want)
+    # The fallback records its path in code torch.compile traces (its target check breaks the graph; the record
+    # after it is replayed as a side effect of the resumed graph).
+    paths.reset()
+    compiled = torch.compile(lambda x: cross_entropy(x * 1, targets, 9.0)[0], backend="eager")
+    assert torch.equal(compiled(logits), cross_entropy_reference(logits, targets, 9.0)[0])
+    assert paths.ran("cross_entropy") == paths.REFERENCE
     try:
         cross_entropy(logits, torch.full((11,), -2))
     except ValueError as e:

@@ -1,7 +1,9 @@
 """fastsft.kernels.linear_cross_entropy (chunked matmuls + Triton row kernel, interpreted on the CPU) in both layouts
 ("low_memory": two passes; "fast": one pass with an fp32 dW accumulator) against its fp32 PyTorch reference: values,
 both gradients, ignored rows in both placements of the gathered rows, row and vocabulary chunking, the in-place
-scatter of dh, torch.compile, the reference fallback where Triton cannot run, bad input."""
+scatter of dh, torch.compile, the reference fallback where Triton cannot run, bad input. Every call of the op asserts
+that its Triton path ran (fastsft.kernels.paths): where Triton cannot run, the op takes the reference, and the
+comparison would be the reference against itself."""
 
 import importlib
 import json
@@ -13,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsft.kernels._ce_rows as ce_rows_mod
 import fastsft.kernels._scatter_rows as scatter_mod
+from fastsft.kernels import paths
 from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 # By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
@@ -57,12 +60,21 @@ def make_case(dtype, ignored_fraction, seed, n=N):
     return hidden, weight, targets
 
 
+def assert_kernel_ran():
+    assert paths.ran("linear_cross_entropy") == paths.TRITON, (
+        f"linear_cross_entropy took the {paths.ran('linear_cross_entropy')} path, not its Triton kernels")
+
+
 def run(fn, hidden, weight, targets, softcap, upstream=1.0, grad_hidden=True, grad_weight=True, **kw):
+    """Loss, count and both gradients of fn; for the op itself, checks that its kernels made them."""
+    paths.reset()
     h = hidden.detach().clone().requires_grad_(grad_hidden)
     w = weight.detach().clone().requires_grad_(grad_weight)
     loss, n = fn(h, w, targets, softcap, **kw)
     if grad_hidden or grad_weight:
         (loss * upstream).backward()
+    if fn is linear_cross_entropy:
+        assert_kernel_ran()
     return loss.detach(), n, h.grad, w.grad
 
 
@@ -301,8 +313,10 @@ def test_partial_and_no_grad(monkeypatch, layout, grad_hidden, grad_weight, igno
         assert rel_err(gh, ref_gh) <= 1e-5
     if grad_weight:
         assert rel_err(gw, ref_gw) <= 1e-5
+    paths.reset()
     with torch.no_grad():
         nograd_loss, nograd_n = linear_cross_entropy(case[0], case[1].requires_grad_(), case[2], 15.0, layout=layout)
+    assert_kernel_ran()
     assert float(nograd_loss) == pytest.approx(float(ref_loss), rel=1e-5) and int(nograd_n) == int(n)
 
 
@@ -335,9 +349,11 @@ def test_compiled_equals_eager_with_ignored_targets(monkeypatch, backend, dtype,
 
     outs = []
     for fn in (torch.compile(mean_loss, backend=backend, fullgraph=True), mean_loss):
+        paths.reset()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         value = fn(h, w)
         value.backward()
+        assert_kernel_ran()  # compiled too: the custom op runs its body inside the graph
         outs.append((value.detach(), h.grad, w.grad))
     for got, want in zip(*outs):
         assert torch.equal(got, want)  # same kernels, same order: bit-identical
@@ -359,7 +375,9 @@ def test_gradients_made_in_backward_match_reference(monkeypatch, ignored_fractio
     loss.backward(retain_graph=True)
     first = (h.grad.clone(), w.grad.clone())
     h.grad = w.grad = None
+    paths.reset()
     loss.backward()
+    assert_kernel_ran()  # the backward itself ran the op's kernels again
     assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])
 
 
@@ -470,6 +488,7 @@ def test_fast_rows_per_chunk_has_a_row_floor(monkeypatch):
 
 CPU_FALLBACK_SCRIPT = textwrap.dedent("""
     import torch
+    from fastsft.kernels import paths
     from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
     gen = torch.Generator().manual_seed(5)
     hidden, weight = torch.randn(13, 9, generator=gen), torch.randn(29, 9, generator=gen)
@@ -478,10 +497,13 @@ CPU_FALLBACK_SCRIPT = textwrap.dedent("""
     for layout in ("low_memory", "fast"):
         outs = []
         for fn, kw in ((linear_cross_entropy, dict(layout=layout)), (linear_cross_entropy_reference, {})):
+            paths.reset()
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             loss, n = fn(h, w, targets, 7.0, **kw)
             (loss * 0.37).backward()
             outs.append((loss.detach(), n, h.grad, w.grad))
+            if fn is linear_cross_entropy:  # the fallback says so
+                assert paths.ran("linear_cross_entropy") == paths.REFERENCE, paths.ran("linear_cross_entropy")
         for got, want in zip(*outs):
             assert torch.equal(got, want), (layout, got, want)
     try:

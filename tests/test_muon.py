@@ -6,7 +6,9 @@ bf16 input; the full step is then checked within bf16 orthogonalization noise, a
 by the singular values it produces. The Triton Gram kernel (lower-triangle tiles mirrored, fused epilogue) is
 checked against float64 products of the same bf16 inputs, in both layouts. Odd shapes: several matrices of one
 shape (one stacked launch), tall, wide. Under the interpreter the optimizer defaults to torch's bmm for the Gram
-products (a Gram program costs ~20 ms there), so the tests that exercise the Triton kernel ask for it.
+products (a Gram program costs ~20 ms there), so the tests that exercise the Triton kernel ask for it. Every
+comparison asserts which path ran (fastsft.kernels.paths): where Triton cannot run, the optimizer takes the
+reference step, and a comparison with the reference would compare it with itself.
 """
 
 import copy
@@ -14,7 +16,7 @@ import copy
 import pytest
 import torch
 
-from fastsft.kernels import Muon
+from fastsft.kernels import Muon, paths
 from fastsft.kernels.muon import (
     MuonWorkspace,
     gram_,
@@ -28,6 +30,17 @@ from fastsft.kernels.muon import (
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = [(13, 29), (13, 29), (13, 29), (37, 11), (37, 11), (24, 24)]  # wide x3, tall x2, square
+
+
+@pytest.fixture(autouse=True)
+def reset_paths():
+    paths.reset()
+
+
+def assert_kernel_ran(gram=None):
+    assert paths.ran("muon") == paths.TRITON, f"Muon took the {paths.ran('muon')} path, not the Triton kernels"
+    if gram is not None:
+        assert paths.ran("muon_gram") == gram, f"the Gram products ran as {paths.ran('muon_gram')}, not {gram}"
 
 
 def make_params(dtype=torch.float32, seed=0):
@@ -63,6 +76,7 @@ def test_elementwise_stages_match_reference(nesterov):
             muon_update_stacked([ours[i] for i in idx], [grads[i] for i in idx], bufs[s], workspaces[s], block=128,
                                 **hyper)
             muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], ref_bufs[s], **hyper)
+    assert_kernel_ran()
     for s in bufs:
         torch.testing.assert_close(bufs[s], ref_bufs[s], rtol=1e-6, atol=1e-7)
     for p, q, init in zip(ours, ref, make_params()):
@@ -85,6 +99,7 @@ def test_full_step_matches_reference(dtype, gram):
         for p, g in zip(ours, grads):
             p.grad = g
         opt.step()
+        assert_kernel_ran(gram)
         for s, idx in stacks().items():
             muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], ref_bufs[s],
                                 coefficients=coefficients, **hyper)
@@ -108,6 +123,7 @@ def test_one_step_update_is_nearly_orthogonal(name, lo, hi):
     for p, g in zip(params, grads_for(0)):
         p.grad = g
     opt.step()
+    assert_kernel_ran()
     for p, p0 in zip(params, before):
         if p.shape[0] == p.shape[1]:
             continue  # square Gaussian matrices have singular values near 0, which 5 steps cannot lift
@@ -130,6 +146,7 @@ def test_batched_orthogonalization_tracks_the_exact_iteration(gram, tall):
     ws = MuonWorkspace(3, *G.shape[1:], DEVICE, gram=gram)
     ws.x.copy_(x)  # not normalized: the scale is folded into the first step
     ours = orthogonalize_(ws, coefficients, scale).double()
+    assert paths.ran("muon_gram") == gram
     ref = orthogonalize_reference(G, coefficients).double()
     exact = (x.double() * scale.double().view(3, 1, 1))  # the same polynomial iteration in float64
     if tall:
@@ -194,6 +211,7 @@ def test_state_dict_round_trip_continues_identically(dtype):
     opt_b = Muon(resumed, lr=0.05, weight_decay=0.1)
     opt_b.load_state_dict(saved)
     run(opt_b, resumed, 2, first=1)
+    assert_kernel_ran()
     for p, q in zip(resumed, straight):
         assert torch.equal(p, q)
         assert opt_b.state[p]["momentum_buffer"].dtype == torch.float32
@@ -225,7 +243,30 @@ def test_changing_set_of_gradients_keeps_one_stack_per_shape():
             p.grad = torch.randn(13, 7, generator=g) if i in with_grad else None
         before = {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(params) if p in opt.state}
         opt.step()
+        assert_kernel_ran()
         assert len(opt._stacks) == 1
         for i, buf in before.items():
             moved = not torch.equal(opt.state[params[i]]["momentum_buffer"], buf)
             assert moved == (i in with_grad), (step, i)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="CUDA tensors always take the Triton kernels")
+def test_cpu_without_interpreter_falls_back_to_the_reference_and_says_so(monkeypatch):
+    # A CPU machine without TRITON_INTERPRET=1 (read when a stack is made): no workspace, the reference step,
+    # recorded as such; the result is the reference's own (checked against the kernels by the tests above).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hyper = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)
+    ours = make_params()
+    ref = [p.detach().clone() for p in ours]
+    opt = Muon(ours, ns_steps=5, **hyper)
+    grads = grads_for(0)
+    for p, g in zip(ours, grads):
+        p.grad = g
+    opt.step()
+    assert paths.ran("muon") == paths.REFERENCE and paths.ran("muon_gram") is None
+    assert all(stack.workspace is None for stack in opt._stacks.values())
+    for s, idx in stacks().items():
+        muon_reference_step([ref[i] for i in idx], [grads[i] for i in idx], torch.zeros(len(idx), *s),
+                            coefficients=ns_coefficients("polar_express", 5), **hyper)
+    for p, q in zip(ours, ref):
+        assert torch.equal(p, q)
