@@ -21,3 +21,4 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 bench/gpu_kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python3 bench/gpu_model.py 2>&1 | tee "$out/model.log"
+python3 bench/gpu_attention.py --json "$out/attention.json" 2>&1 | tee "$out/attention.log"

@@ -412,7 +412,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     op_kernels = _OP_KERNELS.get(name)
     if op_kernels is None:
         _check_name(name)
-    if (name in _GPU_ONLY and q.device.type != "cuda") or (op_kernels and q.device.type not in op_kernels.device_types):
+    device_types = op_kernels.device_types if op_kernels is not None else (
+        ("cuda",) if name in _GPU_ONLY else (q.device.type,))
+    if q.device.type not in device_types:
         raise RuntimeError(f"attention backend {name!r} needs CUDA tensors, got {q.device}")
     if window >= max_seqlen - 1:
         window = -1  # the window covers every segment: plain causal takes the kernels' fastest path
