@@ -227,14 +227,58 @@ def _covered(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (torch.arange(num_tokens, device=cu_seqlens.device) < cu_seqlens[-1])[:, None, None]
 
 
+@functools.cache
+def _zero_tail_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def zero_tail(x_ptr, cu_ptr, last, num_rows, row_width, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        first = tl.load(cu_ptr + last)  # cu_seqlens[-1]: the first row past every segment
+        row0 = tl.program_id(0) * BLOCK_ROWS
+        if row0 + BLOCK_ROWS > first:  # every other program (all of them for a packer's batch) only reads `first`
+            rows = row0 + tl.arange(0, BLOCK_ROWS)
+            in_tail = (rows >= first) & (rows < num_rows)
+            for c in range(0, row_width, BLOCK_COLS):
+                cols = c + tl.arange(0, BLOCK_COLS)
+                ptrs = x_ptr + rows[:, None].to(tl.int64) * row_width + cols[None, :]
+                zeros = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=x_ptr.dtype.element_ty)
+                tl.store(ptrs, zeros, mask=in_tail[:, None] & (cols[None, :] < row_width))
+
+    return zero_tail
+
+
+def zero_tail_(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the rows of x (N, ...) at or past cu_seqlens[-1]: the tokens of no segment, which kernels
+    leave uninitialized (a NaN there would poison weight gradients through 0 * NaN). On the GPU a Triton kernel
+    reads the bound on the device (no host sync) and writes only the tail: a packed batch (pack_rows covers the
+    whole stream, row padding being a segment of its own) costs one launch and no traffic, where torch.where
+    would read and write the whole tensor (~2% of a d20 step over the forward and backward of 20 layers)."""
+    if x.device.type != "cuda":
+        x[int(cu_seqlens[-1]):] = 0  # the host owns the data: no sync to avoid
+        return x
+    return _zero_tail_triton(x, cu_seqlens)
+
+
+def _zero_tail_triton(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    if not x.is_contiguous():
+        raise ValueError("zero_tail_ needs a contiguous tensor")
+    num_rows, row_width = x.shape[0], x[0].numel() if x.shape[0] else 0
+    if num_rows == 0 or row_width == 0:
+        return x
+    block_rows = 16
+    block_cols = min(1024, 1 << (row_width - 1).bit_length())
+    _zero_tail_kernel()[(-(-num_rows // block_rows),)](x, cu_seqlens, cu_seqlens.numel() - 1, num_rows, row_width,
+                                                        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    return x
+
+
 @torch.library.custom_op("fastsft::varlen_attn_fwd", mutates_args=())
 def varlen_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                     window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of an OpKernels backend: (out (N, H, D), lse (H, N) float32); tokens past the last segment get 0."""
     out, lse = _OP_KERNELS[backend].forward(q, k, v, cu_seqlens, max_seqlen, window)
-    # Kernels leave tokens past the last segment uninitialized; a NaN there would poison weight gradients through
-    # 0 * NaN. (A pack_rows batch has no such tail: its row padding is a segment of its own.)
-    return torch.where(_covered(cu_seqlens, q.shape[0]), out, 0), lse
+    return zero_tail_(out.contiguous(), cu_seqlens), lse  # out is the kernel's own fresh tensor: safe to write
 
 
 @varlen_attn_fwd.register_fake
@@ -248,8 +292,7 @@ def varlen_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of an OpKernels backend: (dq, dk, dv), zero for tokens past the last segment."""
     grads = _OP_KERNELS[backend].backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window)
-    covered = _covered(cu_seqlens, q.shape[0])  # kernels leave those rows of dq, dk, dv uninitialized
-    dq, dk, dv = (torch.where(covered, g, 0) for g in grads)
+    dq, dk, dv = (zero_tail_(g.contiguous(), cu_seqlens) for g in grads)  # the kernel's fresh tensors
     return dq, dk, dv
 
 

@@ -319,3 +319,21 @@ def test_flash_attn_4_is_preferred_and_runs_through_the_op(monkeypatch):
     finally:
         attention.available_backends.cache_clear()
     assert "flash_attn_4" in attention._OP_KERNELS and "flash_attn_4" not in attention._IMPLS
+
+
+@pytest.mark.parametrize("shape, first", [((37, 3, 5), 21), ((40, 10, 128), 33), ((19, 2, 4), 19), ((8, 4), 0)])
+def test_zero_tail_kernel_zeroes_exactly_the_rows_past_the_last_segment(shape, first):
+    """The Triton kernel behind the op's tail zeroing (under Triton's interpreter on a CPU machine): rows at or
+    past cu_seqlens[-1] become 0, every other row keeps its bits; widths below, at and above one column block."""
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")):
+        pytest.skip("needs a GPU or Triton's interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(shape, device=device).to(torch.bfloat16)
+    x[first:] = float("nan")  # as a kernel's uninitialized rows may be
+    before = x.clone()
+    cu = torch.tensor([0, first // 2, first, first], dtype=torch.int32, device=device)
+    assert attention._zero_tail_triton(x, cu) is x
+    assert torch.equal(x[:first], before[:first])
+    assert torch.equal(x[first:], torch.zeros_like(x[first:]))
