@@ -47,6 +47,21 @@ void check_ids_and_mask(const Owned<int32_t>& ids, const Owned<uint8_t>& mask, c
   }
 }
 
+// The checks of pack_fill's conversation arrays alone, so that pack_rows can report bad values before the
+// placement (whose own errors, e.g. a segment budget, would hide them). The same function runs inside pack_fill.
+void check_rendered(const py::array& ids_arr, const py::array& mask_arr, const py::array& offsets_arr) {
+  const char* fn = "pack_rows";
+  const Owned<int32_t> ids = owned_1d<int32_t>(ids_arr, fn, "ids");
+  const Owned<uint8_t> mask = owned_1d<uint8_t>(mask_arr, fn, "mask");
+  const Owned<int64_t> offsets = owned_1d<int64_t>(offsets_arr, fn, "offsets");
+  if (mask.size() != ids.size()) {
+    throw py::value_error("pack_rows: ids has " + std::to_string(ids.size()) + " tokens but mask has " +
+                          std::to_string(mask.size()));
+  }
+  check_offsets(offsets.data(), offsets.size(), ids.size(), fn, "offsets");
+  check_ids_and_mask(ids, mask, offsets, fn);
+}
+
 // Best-fit decreasing. Conversations are visited longest first (length clipped to seq_len; ties by input
 // order); each goes to the row with the least free space that still holds it (ties: lowest row index).
 // With num_rows >= 0 the rows are fixed and a conversation that fits nowhere, or that would push the
@@ -269,6 +284,9 @@ py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const p
 }  // namespace
 
 void register_pack(py::module_& m) {
+  m.def("check_rendered", &check_rendered, py::arg("ids"), py::arg("mask"), py::arg("offsets"),
+        "Raise ValueError unless offsets rise from 0 to len(ids), ids are >= 0 and mask values are 0 or 1 (the "
+        "checks pack_fill runs, naming the conversation).");
   m.def("pack_place", &pack_place, py::arg("lengths"), py::arg("seq_len"), py::arg("num_rows"),
         py::arg("max_seqs"),
         "Best-fit decreasing placement. lengths: int64 (N,). num_rows < 0: as many rows as needed; max_seqs < 0: "

@@ -192,7 +192,11 @@ class PackedBatch:
 
 
 def _as_flat(rendered, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RenderedBatch or a sequence of (ids, mask) pairs -> flat ids int32, mask uint8, offsets int64 (validated)."""
+    """RenderedBatch or a sequence of (ids, mask) pairs -> flat ids int32, mask uint8, offsets int64.
+
+    Only types, shapes and the conversion to the C++ dtypes are checked here; the values (ids >= 0, mask 0 or 1,
+    offsets) are checked once, by the C++ side (csrc/pack.cpp), for every way of calling it.
+    """
     if isinstance(rendered, RenderedBatch):
         ids, mask, offsets = rendered.ids, rendered.mask, rendered.offsets
         if ids.dtype != np.int32 or mask.dtype != np.uint8 or offsets.dtype != np.int64:
@@ -223,14 +227,14 @@ def _as_flat(rendered, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         offsets[i + 1] = offsets[i] + len(ids)
     ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
     mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=np.uint8)
-    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
-        bad = int(np.flatnonzero((ids < 0) | (ids > np.iinfo(np.int32).max))[0])
-        conv = int(np.searchsorted(offsets, bad, side="right") - 1)
-        raise ValueError(f"{where}: rendered[{conv}] holds token id {ids[bad]}, outside [0, 2^31)")
-    if len(mask) and (mask.min() < 0 or mask.max() > 1):
-        bad = int(np.flatnonzero((mask < 0) | (mask > 1))[0])
-        conv = int(np.searchsorted(offsets, bad, side="right") - 1)
-        raise ValueError(f"{where}: rendered[{conv}] mask holds {mask[bad]}; mask values must be 0 or 1")
+    # The casts below must not wrap a value into range (2^32 + 5 into 5, -1 into 255).
+    for name, values, dtype, what in (("ids", ids, np.int32, "token id {} is outside [0, 2^31)"),
+                                      ("mask", mask, np.uint8, "mask holds {}; mask values must be 0 or 1")):
+        info = np.iinfo(dtype)
+        if len(values) and values.dtype != np.bool_ and (values.min() < info.min or values.max() > info.max):
+            bad = int(np.flatnonzero((values < info.min) | (values > info.max))[0])
+            conv = int(np.searchsorted(offsets, bad, side="right") - 1)
+            raise ValueError(f"{where}: conversation {conv}: " + what.format(values[bad]))
     return ids.astype(np.int32), mask.astype(np.uint8), offsets
 
 
@@ -270,6 +274,7 @@ def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int =
     nanochat uses BOS). See the module docstring for the algorithm and the layout.
     """
     ids, mask, offsets = _as_flat(rendered, "pack_rows")
+    _C.check_rendered(ids, mask, offsets)  # the values, as pack_fill checks them, before the placement's errors
     lengths = np.diff(offsets)
     seq_len, num_rows, pad_id, max_seqs = _check_pack_args("pack_rows", lengths, seq_len, num_rows, pad_id, max_seqs)
     row, offset, placed, rows, num_segments = _C.pack_place(
@@ -295,16 +300,70 @@ def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int =
     )
 
 
+def _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs):
+    """pack_rows_reference's own checks: (ids list, mask list) per conversation and the checked arguments."""
+    where = "pack_rows_reference"
+
+    def integer(name, value, minimum):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+        if value < minimum:
+            raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+        return int(value)
+
+    seq_len, pad_id = integer("seq_len", seq_len, 1), integer("pad_id", pad_id, 0)
+    num_rows = None if num_rows is None else integer("num_rows", num_rows, 0)
+    max_seqs = None if max_seqs is None else integer("max_seqs", max_seqs, 0)
+    if isinstance(rendered, RenderedBatch):
+        if (rendered.ids.dtype, rendered.mask.dtype, rendered.offsets.dtype) != (np.int32, np.uint8, np.int64):
+            raise TypeError(f"{where}: RenderedBatch needs ids int32, mask uint8, offsets int64; got "
+                            f"{rendered.ids.dtype}, {rendered.mask.dtype}, {rendered.offsets.dtype}")
+        bounds = rendered.offsets.tolist()
+        if not bounds or bounds[0] != 0 or bounds[-1] != len(rendered.ids) or bounds != sorted(bounds):
+            raise ValueError(f"{where}: RenderedBatch offsets must rise from 0 to {len(rendered.ids)}")
+        pairs = [(rendered.ids[a:b], rendered.mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    elif isinstance(rendered, Sequence):
+        pairs = list(rendered)
+    else:
+        raise TypeError(f"{where}: rendered must be a RenderedBatch or a sequence of (ids, mask) pairs, "
+                        f"got {type(rendered).__name__}")
+    convs = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{where}: rendered[{i}] must be an (ids, mask) pair")
+        ids, mask = list(pair[0]), list(pair[1])
+        if len(ids) != len(mask):
+            raise ValueError(f"{where}: rendered[{i}] has {len(ids)} ids but {len(mask)} mask values")
+        if not ids:
+            raise ValueError(f"{where}: rendered[{i}] is empty; every conversation needs a token")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in ids):
+            raise TypeError(f"{where}: rendered[{i}] ids must be integers")
+        if not all(isinstance(m, (int, np.integer, bool, np.bool_)) for m in mask):
+            raise TypeError(f"{where}: rendered[{i}] mask must be bool or 0/1 integers")
+        for j, t in enumerate(ids):
+            if not 0 <= t < 2**31:
+                raise ValueError(f"{where}: conversation {i} holds token id {t} at position {j}, outside [0, 2^31)")
+        for j, m in enumerate(mask):
+            if m not in (0, 1):
+                raise ValueError(f"{where}: conversation {i} mask holds {m} at position {j}; mask values must be "
+                                 f"0 or 1")
+        convs.append(([int(t) for t in ids], [int(m) for m in mask]))
+    if num_rows is not None:
+        if max_seqs is None:
+            max_seqs = num_rows * (seq_len // SEGMENT_TOKENS + 2)  # default_max_seqs, spelled out
+        if max_seqs < num_rows:
+            raise ValueError(f"{where}: max_seqs={max_seqs} < num_rows={num_rows}; every row needs a segment")
+    return convs, seq_len, num_rows, pad_id, max_seqs
+
+
 def pack_rows_reference(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
                         max_seqs: int | None = None) -> PackedBatch:
-    """The plain-Python definition of pack_rows (per-token loops; slow on purpose, for tests and benchmarks)."""
-    ids, mask, offsets = _as_flat(rendered, "pack_rows_reference")
-    lengths_arr = np.diff(offsets)
-    seq_len, num_rows, pad_id, max_seqs = _check_pack_args(
-        "pack_rows_reference", lengths_arr, seq_len, num_rows, pad_id, max_seqs
-    )
-    convs = [(ids[offsets[i]:offsets[i + 1]].tolist(), mask[offsets[i]:offsets[i + 1]].tolist())
-             for i in range(len(lengths_arr))]
+    """The plain-Python definition of pack_rows (per-token loops; slow on purpose, for tests and benchmarks).
+
+    Its input checks are its own plain-Python code (_reference_inputs), not the helpers of the C++ path, so that a
+    check missing from one path shows up as a difference in the tests.
+    """
+    convs, seq_len, num_rows, pad_id, max_seqs = _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs)
     lengths = [min(len(conv_ids), seq_len) for conv_ids, _ in convs]
 
     # Placement: best-fit decreasing (see the module docstring).
@@ -356,7 +415,11 @@ def pack_rows_reference(rendered, seq_len: int, num_rows: int | None = None, pad
                 positions[r][j] = j - cursor
             bounds.append((r + 1) * seq_len)
     num_seqs = len(bounds) - 1
-    max_seqs = _check_segments("pack_rows_reference", num_seqs, rows, seq_len, max_seqs)
+    if max_seqs is None:
+        max_seqs = rows * (seq_len // SEGMENT_TOKENS + 2)  # default_max_seqs, spelled out
+    if num_seqs > max_seqs:
+        raise ValueError(f"pack_rows_reference: the packing into {rows} rows needs {num_seqs} cu_seqlens segments "
+                         f"(conversations + padded row tails) but max_seqs={max_seqs}; pass a larger max_seqs")
     cu_seqlens = bounds + [rows * seq_len] * (max_seqs + 1 - len(bounds))
 
     def as_rows(table):

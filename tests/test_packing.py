@@ -200,8 +200,12 @@ def test_pack_rendered_batch_from_the_renderer():
     flat = render_batch_flat(tokenizer, conversations, max_tokens=90)
     packed = pack_rows(flat, 64, num_rows=8, pad_id=tokenizer.bos_id)
     check_invariants(flat.to_list(), packed, 64, 8, pad_id=tokenizer.bos_id)
-    assert_same(packed, pack_rows(flat.to_list(), 64, num_rows=8, pad_id=tokenizer.bos_id))
-    assert_same(packed, pack_rows_reference(flat, 64, num_rows=8, pad_id=tokenizer.bos_id))
+    # The flat batch and its per-conversation list are two inputs of the C++ path: each against the reference.
+    assert_same(packed, pack_rows_reference(flat.to_list(), 64, num_rows=8, pad_id=tokenizer.bos_id))
+    from_list = pack_rows([(ids.copy(), mask.copy()) for ids, mask in flat.to_list()], 64, num_rows=8,
+                          pad_id=tokenizer.bos_id)
+    check_invariants(flat.to_list(), from_list, 64, 8, pad_id=tokenizer.bos_id)
+    assert_same(from_list, pack_rows_reference(flat, 64, num_rows=8, pad_id=tokenizer.bos_id))
 
 
 def test_empty_input():
@@ -229,10 +233,14 @@ def test_bad_input_errors(pack):
         pack([(np.ones(4, dtype=np.float32), np.ones(4, dtype=np.uint8))], 8)
     with pytest.raises(TypeError, match=r"rendered\[0\] mask must be bool"):
         pack([(np.ones(4, dtype=np.int64), np.ones(4, dtype=np.float64))], 8)
-    with pytest.raises(ValueError, match=r"rendered\[1\] mask holds 2"):
+    with pytest.raises(ValueError, match=r"conversation 1 mask holds 2 at position 1"):
         pack([_pair(), (np.arange(3), np.array([0, 2, 1]))], 8)
-    with pytest.raises(ValueError, match=r"rendered\[1\] holds token id -1"):
+    with pytest.raises(ValueError, match=r"conversation 1 holds token id -1 at position 1"):
         pack([_pair(), (np.array([1, -1]), np.array([0, 1]))], 8)
+    with pytest.raises(ValueError, match=r"conversation 1.* mask holds -1"):
+        pack([_pair(), (np.array([1, 2]), np.array([0, -1]))], 8)
+    with pytest.raises(ValueError, match=r"conversation 0.* token id 4294967301 .*outside \[0, 2\^31\)"):
+        pack([(np.array([2**32 + 5]), np.array([0]))], 8)
     with pytest.raises(ValueError, match=r"rendered\[1\] is empty"):
         pack([_pair(), (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint8))], 8)
     with pytest.raises(ValueError, match="needs 3 cu_seqlens segments .* max_seqs=2"):
@@ -245,6 +253,46 @@ def test_bad_input_errors(pack):
         pack(RenderedBatch(np.arange(3), np.ones(3, dtype=np.uint8), np.array([0, 3])), 8)
     with pytest.raises(TypeError, match="sequence of \\(ids, mask\\) pairs"):
         pack(iter(good), 8)
+
+
+def _flat(ids, mask, offsets):
+    return RenderedBatch(np.array(ids, dtype=np.int32), np.array(mask, dtype=np.uint8), np.array(offsets))
+
+
+@pytest.mark.parametrize("pack", [pack_rows, pack_rows_reference])
+def test_rendered_batch_values_are_checked_like_lists(pack):
+    # The flat form once skipped these checks and gave targets that differ from the reference.
+    with pytest.raises(ValueError, match=r"conversation 1 mask holds 7 at position 0"):
+        pack(_flat([1, 2, 3, 4], [0, 1, 7, 1], [0, 2, 4]), 8)
+    with pytest.raises(ValueError, match=r"conversation 0 holds token id -3 at position 1"):
+        pack(_flat([1, -3, 3, 4], [0, 1, 1, 1], [0, 2, 4]), 8)
+    with pytest.raises(ValueError, match=r"offsets"):
+        pack(_flat([1, 2, 3, 4], [0, 1, 1, 1], [0, 3, 2, 4]), 8)
+    good = pack(_flat([1, 2, 3, 4], [0, 1, 0, 1], [0, 2, 4]), 8, max_seqs=3)
+    assert good.targets.tolist() == [[2, -1, 4, -1, -1, -1, -1, -1]]  # worked out by hand
+
+
+def test_out_of_range_ints_name_the_argument():
+    good = [_pair(), _pair(3)]
+    with pytest.raises(ValueError, match=r"pack_place: argument 'seq_len' = 1180591620717411303424 is outside the "
+                                         r"int64 range"):
+        pack_rows(good, 2**70)
+    with pytest.raises(ValueError, match=r"num_rows=4294967296 rows of seq_len=8 tokens exceed"):
+        pack_rows(good, 8, num_rows=2**32, max_seqs=2**33)
+    with pytest.raises(ValueError, match=r"argument 'max_tokens' = 18446744073709551616 is outside"):
+        _C.render_assemble(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int64),
+                           np.zeros(1, np.int64), 2**64)
+    with pytest.raises(TypeError, match=r"argument 'max_tokens' must be an int, got float"):
+        _C.render_assemble(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int64),
+                           np.zeros(1, np.int64), 8.0)
+    args = _fill_args()
+    # rows * seq_len overflows int64 here (2^62 * 4): the guard must not overflow with it.
+    with pytest.raises(ValueError, match=r"rows=4611686018427387904 x seq_len=4 tokens exceed"):
+        _C.pack_fill(*args, 2**62, 4, 0, 3)
+    with pytest.raises(ValueError, match=r"argument 'pad_id' = -9223372036854775809 is outside the int64 range"):
+        _C.pack_fill(*args, 1, 8, -2**63 - 1, 3)
+    with pytest.raises(ValueError, match=r"max_seqs must be in \[0, 2\^31 - 1\)"):
+        _C.pack_fill(*args, 1, 8, 0, 2**40)
 
 
 def test_default_max_seqs_raises_when_exceeded_without_fixed_rows():
