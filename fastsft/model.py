@@ -89,7 +89,23 @@ class GPTConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def from_name(cls, name: str, **overrides) -> GPTConfig:
+        """nanochat master's shape for depth "d<L>" ("d12", "d20", ...): n_embd = 64 * L rounded up to a multiple
+        of 128, heads of 128 (as many kv heads), vocab 32768, sequence_len 2048. The one place bench scripts and
+        the driver take model shapes from."""
+        depth = name[1:] if isinstance(name, str) and name[:1] == "d" else ""
+        if not depth.isdigit() or int(depth) < 1:
+            raise ValueError(f"GPTConfig.from_name: expected 'd<depth>' such as 'd12' or 'd20', got {name!r}")
+        n_layer = int(depth)
+        n_embd = -(-n_layer * 64 // 128) * 128
+        base = dict(sequence_len=2048, vocab_size=32768, n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 128,
+                    n_kv_head=n_embd // 128)
+        return cls(**{**base, **overrides})
+
+    @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"GPTConfig.from_dict: expected an object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
