@@ -138,5 +138,4 @@ def test_humaneval_fields_and_program(shared_data):
         broken = re.sub(r"(def \w+\(.*\).*:)", r"\1\n    return None", code, count=1)
         with pytest.raises(AssertionError):
             exec(build_program(conv, broken), {})
-    with pytest.raises(NotImplementedError, match="sandbox"):
-        task.evaluate(task[0], "pass")
+    assert task.evaluate(task[0], "pass") is False  # runs in the sandbox now (tests/test_eval.py)

@@ -111,9 +111,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     assert top1[0].tokens == greedy[0].tokens
 
 
-def scripted(tokenizer, answer_tokens, prompt_len=5):
-    special = tokenizer.encode_special
-    return ScriptedModel(answer_tokens, prompt_len, tokenizer.vocab_size, special("<|assistant_end|>"))
+def scripted(tokenizer, answer_tokens):
+    return ScriptedModel(answer_tokens, tokenizer.vocab_size, tokenizer.encode_special("<|assistant_end|>"))
 
 
 def test_tool_call_is_executed_and_its_output_forced():

@@ -1,8 +1,8 @@
 """HumanEval (openai/openai_humaneval): 164 Python functions to complete, checked by running their tests.
 
-Running model-written code needs a sandbox (a later issue), so `evaluate` is left to it; this task exposes
-what it needs in each conversation (`entry_point`, `test`, `task_id`) and `build_program` assembles the
-program the sandbox runs: the prompt's imports, the completion's code, the tests, `check(entry_point)`.
+Each conversation carries what checking needs (`entry_point`, `test`, `task_id`); `build_program` assembles the
+program (the prompt's imports, the completion's code, the tests, `check(entry_point)`) and `evaluate` runs it in
+the sandbox of fastsft.execution: the completion passes when the program exits cleanly within the time limit.
 """
 
 from __future__ import annotations
@@ -62,8 +62,17 @@ class HumanEval(RowTask):
             "test": get_field(row, "test"),
         }
 
+    timeout_s = 10.0  # per program; the canonical solutions take well under a second
+    memory_mb = 512
+
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        raise NotImplementedError(
-            f"{self.name}: running completions needs the code sandbox (not written yet); "
-            "build_program(conversation, completion) gives the program it will run"
-        )
+        return self.run(conversation, completion).passed
+
+    def run(self, conversation: dict, completion: str):
+        """The sandbox's ExecutionResult of the completion's program (status, output, what was applied)."""
+        from fastsft.execution import run_program
+
+        if not isinstance(completion, str):
+            raise TypeError(f"{self.name}: completion must be a str, got {type(completion).__name__}")
+        return run_program(build_program(conversation, completion), timeout_s=self.timeout_s,
+                           memory_mb=self.memory_mb)
