@@ -104,8 +104,6 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"GPTConfig.from_dict: expected an object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
