@@ -75,11 +75,65 @@ def run_train(args) -> int:
     return 0
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: per-task accuracy, stop rate, answer length, 3-turn check, ChatCORE",
+        description="Evaluate a fastsft checkpoint dir (or a run dir with DIR/checkpoint) on tasks by name "
+        "(ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, arithmetic, letter-count, spell) or data spec. "
+        "Alone or under torchrun (problems strided over ranks).",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir or training run dir")
+    p.add_argument("-a", "--tasks", default="ARC-Easy,MMLU,GSM8K,HumanEval", metavar="NAMES",
+                   help="comma list of task names or specs (default ARC-Easy,MMLU,GSM8K,HumanEval)")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="read named tasks from local files there (e.g. arc_easy_test.jsonl) instead of the hub")
+    p.add_argument("--max-problems", type=int, default=None, metavar="N", help="at most N problems per task")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--batch-size", type=int, default=32, help="categorical prompts per forward")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--out", metavar="FILE.json", default=None, help="write the metrics as JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from fastsft.eval.command import run
+
+    run(args.checkpoint, args.tasks, data_dir=args.data_dir, out=args.out, device=args.device,
+        max_problems=args.max_problems, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        temperature=args.temperature, batch_size=args.batch_size)
+    return 0
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a checkpoint (streamed, calculator calls shown); -p answers once",
+                       description="Interactive multi-turn chat with a fastsft checkpoint dir or run dir.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint dir or training run dir")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one question and exit")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    from fastsft.chat_cli import chat
+
+    return chat(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, seed=args.seed, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsft", description="Fast supervised fine-tuning of GPT chat models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect(sub)
     add_train(sub)
+    add_eval(sub)
+    add_chat(sub)
     return parser
 
 
