@@ -59,27 +59,54 @@ class GPTConfig:
     pad_vocab_to: int = 64  # wte / lm_head rows rounded up to a multiple of this (logits are cropped)
 
     def __post_init__(self):
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to"):
+        # Strict types and ranges: configs come from JSON files and overrides, where "false" must not pass as True,
+        # true must not pass as 1, and a NaN softcap or a rope base of 0 must not reach the logits as NaN. Every
+        # message names the field (checkpoint.load adds the file). Numbers are normalized to int / float.
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pad_vocab_to",
+                     "ve_gate_channels", "smear_channels"):
+            setattr(self, name, self._checked_int(name, minimum=1))
+        if self.short_window is not None:  # None: nanochat's rule (window_sizes)
+            self.short_window = self._checked_int("short_window", minimum=0)
+        for name in ("value_embeds", "resid_lambdas", "smear", "backout", "qk_scale"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            if not isinstance(value, bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {value!r} ({type(value).__name__})")
+        self.rope_base = self._checked_positive_float("rope_base")
+        if self.softcap is not None:  # None: no softcap
+            self.softcap = self._checked_positive_float("softcap")
+        if (not isinstance(self.window_pattern, str) or not self.window_pattern
+                or any(c not in "SL" for c in self.window_pattern.upper())):
+            raise ValueError(f"GPTConfig.window_pattern must be a non-empty string of S and L, "
+                             f"got {self.window_pattern!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for rotary embeddings")
-        if not self.window_pattern or any(c not in "SL" for c in self.window_pattern.upper()):
-            raise ValueError(f"GPTConfig.window_pattern must be a non-empty string of S and L, "
-                             f"got {self.window_pattern!r}")
-        if self.short_window is not None and (not isinstance(self.short_window, int) or self.short_window < 0):
-            raise ValueError(f"GPTConfig.short_window must be a non-negative int or None, got {self.short_window!r}")
-        if self.softcap is not None and self.softcap <= 0:
-            raise ValueError(f"GPTConfig.softcap must be positive or None, got {self.softcap}")
-        if self.value_embeds and not 0 < self.ve_gate_channels <= self.n_embd:
+        if self.value_embeds and not self.ve_gate_channels <= self.n_embd:
             raise ValueError(f"GPTConfig.ve_gate_channels={self.ve_gate_channels} must be in 1..n_embd")
-        if self.smear and not 0 < self.smear_channels <= self.n_embd:
+        if self.smear and not self.smear_channels <= self.n_embd:
             raise ValueError(f"GPTConfig.smear_channels={self.smear_channels} must be in 1..n_embd")
+
+    def _checked_int(self, name: str, minimum: int) -> int:
+        value = getattr(self, name)
+        # An integer is anything with __index__ (numpy ints too) except a bool; 12.0 and "12" are not.
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise ValueError(f"GPTConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+        value = value.__index__()
+        if value < minimum:
+            raise ValueError(f"GPTConfig.{name} must be >= {minimum}, got {value}")
+        return value
+
+    def _checked_positive_float(self, name: str) -> float:
+        value = getattr(self, name)
+        if isinstance(value, (bool, str, bytes)) or not hasattr(type(value), "__float__"):
+            raise ValueError(f"GPTConfig.{name} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {value}")
+        return value
 
     @classmethod
     def seed_era(cls, **overrides) -> GPTConfig:
@@ -104,6 +131,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"GPTConfig.from_dict: expected an object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -120,6 +149,22 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    def check_token_ids(self, ids: torch.Tensor, where: str = "token ids") -> None:
+        """Raise naming `where` and the first bad id if any id lies outside [0, vocab_size).
+
+        The rows of wte beyond vocab_size (padding to pad_vocab_to) exist, so an id there would be embedded silently
+        (and an id beyond them read out of bounds on the GPU). Meant for the host-side batch before its copy to the
+        GPU: on a CUDA tensor it costs a host sync.
+        """
+        if ids.numel() == 0:
+            return
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            first = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(f"{where}: {int(bad.sum())} token ids outside the model's vocabulary [0, "
+                             f"{self.vocab_size}), the first {int(ids.reshape(-1)[first])} at flat position {first}; "
+                             "does the tokenizer match the model?")
 
     def window_sizes(self) -> list[int]:
         """Left attention window per layer, as nanochat: L = sequence_len, S = sequence_len/4 rounded up to 128."""

@@ -323,13 +323,59 @@ def test_training_flops_count_useful_work_only():
     (dict(n_head=5), "not divisible by n_head"),
     (dict(n_kv_head=3), "not divisible by n_kv_head"),
     (dict(window_pattern="SXL"), "window_pattern"),
-    (dict(vocab_size=0), "vocab_size"),
+    (dict(window_pattern=["S", "L"]), "window_pattern"),
+    (dict(vocab_size=0), "vocab_size must be >= 1"),
+    # JSON's near misses: a string for a bool, a bool for an int, a float for an int, a string for a number
+    (dict(qk_scale="false"), r"qk_scale must be true or false, got 'false' \(str\)"),
+    (dict(smear=1), r"smear must be true or false, got 1 \(int\)"),
+    (dict(short_window=True), r"short_window must be an integer, got True \(bool\)"),
+    (dict(n_layer=4.0), r"n_layer must be an integer, got 4.0 \(float\)"),
+    (dict(n_embd="64"), "n_embd must be an integer"),
+    (dict(short_window=-1), "short_window must be >= 0"),
+    (dict(ve_gate_channels=0), "ve_gate_channels must be >= 1"),
+    (dict(smear_channels=65), r"smear_channels=65 must be in 1..n_embd"),
+    # values that reach the logits as NaN
+    (dict(softcap=float("nan")), "softcap must be a finite number > 0, got nan"),
+    (dict(softcap=0), "softcap must be a finite number > 0"),
+    (dict(softcap="15"), "softcap must be a number"),
+    (dict(softcap=True), "softcap must be a number"),
+    (dict(rope_base=0), "rope_base must be a finite number > 0, got 0.0"),
+    (dict(rope_base=float("inf")), "rope_base must be a finite number > 0"),
+    (dict(rope_base=None), "rope_base must be a number"),
 ])
 def test_bad_config_raises(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**bad)
+    with pytest.raises(ValueError, match=message):  # every way of building a config checks the same
+        GPTConfig.from_dict({**tiny_config().to_dict(), **bad})
+
+
+def test_config_from_dict_rejects_what_is_not_a_field_or_not_a_dict():
     with pytest.raises(ValueError, match="no fields"):
         GPTConfig.from_dict({**tiny_config().to_dict(), "n_experts": 8})
+    with pytest.raises(ValueError, match="expected an object of fields, got list"):
+        GPTConfig.from_dict([["n_layer", 4]])
+
+
+def test_config_numbers_are_normalized():
+    import numpy as np
+
+    config = tiny_config(rope_base=10000, softcap=15, n_layer=np.int64(4), short_window=np.int32(5))
+    assert type(config.rope_base) is float and type(config.softcap) is float
+    assert type(config.n_layer) is int and type(config.short_window) is int
+    assert GPTConfig.from_dict(config.to_dict()) == config == tiny_config(rope_base=1e4, softcap=15.0)
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected_naming_the_first():
+    config = tiny_config()  # vocab 97, padded to 128 rows of wte
+    assert config.padded_vocab_size == 128
+    config.check_token_ids(torch.tensor([[0, 96], [5, 7]]), "batch 3")
+    config.check_token_ids(torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"batch 3: 2 token ids outside the model's vocabulary \[0, 97\), the first "
+                                         r"100 at flat position 2"):
+        config.check_token_ids(torch.tensor([[0, 96], [100, 97]]), "batch 3")  # in the padded rows: not embedded
+    with pytest.raises(ValueError, match="the first -1 at flat position 0"):
+        config.check_token_ids(torch.tensor([-1, 5]))
 
 
 def test_bad_inputs_raise():
