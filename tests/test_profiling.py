@@ -1,0 +1,85 @@
+"""StepProfiler on the CPU: a tiny model's training steps give a chrome trace with the phase ranges, a per-family
+table whose matmul time is real, and nothing once the profiled steps are over."""
+
+import json
+
+import pytest
+import torch
+
+from fastsft.model import GPT, GPTConfig
+from fastsft.profiling import FAMILIES, StepProfiler, kernel_family
+
+
+def tiny_training(steps, profiler):
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                       window_pattern="L")
+    model = GPT(config)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        with profiler.range("data"):
+            ids = torch.randint(0, 97, (2, 32))
+        with profiler.range("forward"):
+            loss = model(ids).float().square().mean()
+        with profiler.range("backward"):
+            loss.backward()
+        with profiler.range("optimizer"):
+            opt.step()
+            opt.zero_grad()
+        profiler.step()
+
+
+def test_profile_writes_a_trace_with_the_phases_and_a_family_table(tmp_path):
+    printed = []
+    profiler = StepProfiler(tmp_path / "run", steps=2, warmup=1, print_fn=printed.append)
+    with profiler:
+        tiny_training(5, profiler)  # 1 warm-up, 2 profiled, 2 after: those record nothing
+    assert profiler.done
+    trace = json.loads(profiler.trace_path.read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"data", "forward", "backward", "optimizer"} <= names
+    assert sum(name.startswith("ProfilerStep") for name in names if name) == 2  # only the profiled steps
+    assert set(profiler.families) == set(FAMILIES)
+    assert profiler.families["matmul"] > 0  # the model's projections, found by name
+    assert not any(k.name in ("data", "forward", "backward", "optimizer") for k in profiler.kernels)
+    [report] = printed
+    assert "matmul" in report and "profile_trace.json" in report and "top " in report
+    mm = next(k for k in profiler.kernels if k.family == "matmul")
+    assert mm.calls_per_step > 0 and mm.ms_per_step > 0
+
+
+def test_disabled_profiler_records_nothing(tmp_path):
+    profiler = StepProfiler(tmp_path / "run", steps=0)
+    with profiler:
+        tiny_training(1, profiler)
+    assert profiler.done and not profiler.kernels and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError):
+        StepProfiler(tmp_path, steps=-1)
+
+
+@pytest.mark.parametrize("name, family", [
+    ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90", "attention"),
+    ("flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT", "matmul"),
+    ("triton_tem_fused_mm_0", "matmul"),
+    ("aten::mm", "matmul"),
+    ("_ce_rows_kernel", "loss"),
+    ("_grad_tile_kernel", "loss"),
+    ("_adamw_kernel", "optimizer"),
+    ("_muon_momentum_kernel", "optimizer"),
+    ("_gram_kernel", "optimizer"),
+    ("triton_poi_fused__to_copy_add_mul_0", "elementwise"),
+    ("triton_red_fused__fused_rms_norm_1", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float>>",
+     "elementwise"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>>", "elementwise"),
+    ("Memcpy DtoD (Device -> Device)", "copy/other"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>", "copy/other"),
+    ("void at::native::embedding_backward_feature_kernel<float, float, long>", "copy/other"),
+    ("some_unknown_kernel", "copy/other"),
+])
+def test_kernel_families(name, family):
+    assert kernel_family(name) == family
