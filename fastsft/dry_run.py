@@ -12,15 +12,17 @@ import sys
 import time
 from typing import TextIO
 
+from fastsft.data.base import DataError
 from fastsft.data.spec import load_mixture
 from fastsft.inspect import TOKENIZER_TRAIN_CONVERSATIONS, load_tokenizer
-from fastsft.loader import PackedBatchStream
+from fastsft.loader import PackedBatchStream, check_batch_shape, no_supervision_reason
 
 
 def dry_run(spec: str, rows: int = 8, seq_len: int = 512, tokenizer: str | None = None, seed: int = 42,
             on_error: str = "error", out: TextIO | None = None) -> dict:
     """Print the dry-run report of `spec` and return the epoch's totals."""
     out = out or sys.stdout
+    check_batch_shape(rows, seq_len)  # before the data is read and a tokenizer trained on it
     task = load_mixture(spec, seed=seed, on_error=on_error)
     sample = [task[i] for i in range(min(len(task), TOKENIZER_TRAIN_CONVERSATIONS))]
     tok, tok_desc = load_tokenizer(tokenizer, sample)
@@ -48,6 +50,8 @@ def dry_run(spec: str, rows: int = 8, seq_len: int = 512, tokenizer: str | None 
               f"{s.tokens / seconds / 1e6:.2f} M tokens/s, render + pack, one CPU thread)\n")
     if task.skip_summary():  # the skip policy reports every left-out row by reason, at the end
         out.write("skipped rows (--skip-bad-rows):\n  " + task.skip_summary().replace("\n", "\n  ") + "\n")
+    if s.supervised == 0:  # a run on this data would train on nothing: stop and say why
+        raise DataError(f"{spec}: no supervised target in the epoch: {no_supervision_reason(s, seq_len)}")
     out.write("dry run: no model was built and nothing was trained\n")
     return dict(batches=s.batches, conversations=s.conversations, tokens=s.tokens, supervised=s.supervised,
                 truncated=s.truncated, efficiency=s.efficiency)

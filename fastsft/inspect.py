@@ -23,7 +23,7 @@ from typing import TextIO
 
 import numpy as np
 
-from fastsft.data.base import Task, TaskMixture, conversation_text
+from fastsft.data.base import DataError, Task, TaskMixture, conversation_text
 from fastsft.data.spec import load_mixture, load_task, parse_spec, split_specs
 
 DEFAULT_VOCAB_SIZE = 4096
@@ -46,6 +46,12 @@ def load_tokenizer(path: str | None, sample: list[dict]):
         path, origin = os.environ["FASTSFT_TOKENIZER"], "FASTSFT_TOKENIZER"
     if path is not None:
         p = Path(path).expanduser()
+        if p.is_file() and p.name in ("vocab.json", "merges.txt"):
+            # GPT-2's files are a pair: naming one of them means the folder that holds both.
+            if not (p.parent / "vocab.json").is_file() or not (p.parent / "merges.txt").is_file():
+                raise FileNotFoundError(f"{origin} {path}: GPT-2's {p.name} needs vocab.json and merges.txt side by "
+                                        f"side in {p.parent}")
+            p = p.parent
         if p.is_dir():
             vocab, merges = p / "vocab.json", p / "merges.txt"
             if not (vocab.is_file() and merges.is_file()):
@@ -89,20 +95,22 @@ def render_sample(tokenizer, task: Task, count: int, sources: list[int]) -> Rend
                     np.asarray(sources, dtype=np.int64), flat)
 
 
-def packing_efficiency(rendered: Rendered, seq_len: int) -> tuple[int, float, int]:
-    """(rows, efficiency, truncated) of best-fit packing into rows of seq_len, one render chunk at a time.
+def packing_efficiency(rendered: Rendered, seq_len: int) -> tuple[int, float, int, int]:
+    """(rows, efficiency, truncated, supervised targets) of best-fit packing into rows of seq_len, one render chunk
+    at a time.
 
     Packing chunk by chunk bounds memory and resembles a loader that packs from a buffer of conversations; one
     global best-fit over everything would report a slightly better efficiency than training sees.
     """
     from fastsft.packing import pack_rows
 
-    rows = real = truncated = 0
+    rows = real = truncated = targets = 0
     for batch in rendered.flat:
         # Enough cu_seqlens segments for any packing; statistics only, no compiled shapes here.
         packed = pack_rows(batch, seq_len, max_seqs=2 * len(batch) + 1)
         rows, real, truncated = rows + packed.rows, real + packed.num_tokens, truncated + packed.num_truncated
-    return rows, real / (rows * seq_len), truncated
+        targets += packed.num_supervised
+    return rows, real / (rows * seq_len), truncated, targets
 
 
 def _pct(x: float) -> str:
@@ -173,7 +181,7 @@ def inspect_data(spec: str, index: int = 0, seq_len: int = 2048, tokenizer: str 
     tokens, sup = int(lengths.sum()), int(supervised.sum())
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     long = lengths > seq_len
-    rows, efficiency, truncated = packing_efficiency(rendered, seq_len)
+    rows, efficiency, truncated, targets = packing_efficiency(rendered, seq_len)
     scope = "all" if count == n_total else f"the first {count:,} of {n_total:,}; --limit to change"
     say(f"statistics over {count:,} conversations ({scope}), rows of T={seq_len}:")
     say(f"  tokens           {tokens:,} ({tokens / count:.1f} per conversation)")
@@ -182,10 +190,19 @@ def inspect_data(spec: str, index: int = 0, seq_len: int = 2048, tokenizer: str 
     say(f"  truncated at T   {int(long.sum()):,} conversations ({_pct(long.mean())}), losing "
         f"{int((lengths[long] - seq_len).sum()):,} tokens")
     say(f"  packed at T      {rows:,} rows, efficiency {_pct(efficiency)} (best-fit, real tokens / row slots)")
+    say(f"  targets at T     {targets:,} supervised targets in the packed rows")
     stats = dict(conversations=count, total=n_total, tokens=tokens, supervised_tokens=sup,
                  supervised_ratio=sup / tokens,
                  length_p50=float(p50), length_p90=float(p90), length_p99=float(p99), length_max=int(lengths.max()),
-                 truncated=int(long.sum()), pack_truncated=truncated, rows=rows, efficiency=efficiency, tasks=[])
+                 truncated=int(long.sum()), pack_truncated=truncated, rows=rows, efficiency=efficiency,
+                 supervised_targets=targets, tasks=[])
+    if targets == 0:  # the statistics above are printed first: they show why
+        if sup == 0:
+            why = f"none of the {count:,} conversations has a supervised (assistant) token"
+        else:
+            why = (f"{int(long.sum()):,} of {count:,} conversations are longer than T={seq_len} and every supervised "
+                   f"token lies past the cut; raise --seq-len")
+        raise DataError(f"{spec}: no supervised target at T={seq_len}: {why}")
 
     if isinstance(task, TaskMixture):
         say()

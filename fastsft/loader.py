@@ -20,6 +20,25 @@ from fastsft.data.base import DataError
 from fastsft.packing import PackedBatch, default_max_seqs, pack_rows, render_batch
 
 
+def check_batch_shape(rows: int, seq_len: int) -> None:
+    """A ValueError unless batches of `rows` x `seq_len` can hold a conversation (checked before any costly setup)."""
+    for name, value in (("rows", rows), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if rows < 1 or seq_len < 2:
+        raise ValueError(f"need rows >= 1 and seq_len >= 2 (a target needs two tokens), got rows={rows}, "
+                         f"seq_len={seq_len}")
+
+
+def no_supervision_reason(stats: "StreamStats", seq_len: int) -> str:
+    """Why an epoch with `stats` holds no supervised target (for the error that stops such a run)."""
+    if stats.truncated:
+        return (f"{stats.truncated:,} of {stats.conversations:,} conversations were cut to seq_len={seq_len} and "
+                f"every supervised (assistant) token lies past the cut; raise the row length (--seq-len)")
+    return (f"none of the {stats.conversations:,} conversations has a supervised (assistant) token after its "
+            f"first one")
+
+
 @dataclass
 class StreamStats:
     """Running totals over the batches yielded so far."""
@@ -45,8 +64,7 @@ class PackedBatchStream:
 
     def __init__(self, task, tokenizer, rows: int, seq_len: int, buffer: int | None = None,
                  render_chunk: int = 256, max_seqs: int | None = None, pad_id: int | None = None):
-        if rows < 1 or seq_len < 2:
-            raise ValueError(f"need rows >= 1 and seq_len >= 2, got rows={rows}, seq_len={seq_len}")
+        check_batch_shape(rows, seq_len)
         self.task, self.tokenizer = task, tokenizer
         self.rows, self.seq_len = rows, seq_len
         self.max_seqs = max_seqs if max_seqs is not None else default_max_seqs(rows, seq_len)

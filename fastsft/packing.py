@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastsft import _C
-from fastsft.chat import PART_LAYOUT, normalize_conversation
+from fastsft.chat import PART_LAYOUT, ConversationError, normalize_conversation
+from fastsft.tokenizer import TextEncodingError
 
 SEGMENT_TOKENS = 32  # default budget: one segment per 32 tokens of a row, one more, and one for its padding
 
@@ -157,7 +158,13 @@ def render_batch_flat(tokenizer, conversations: Iterable, max_tokens: int = 2048
                 add_op(assistant_end)
         conv_ops.append(len(ops))
 
-    tokens, span_offsets = _C.flatten_token_lists(tokenizer.encode_batch(texts) if texts else [])
+    try:
+        token_lists = tokenizer.encode_batch(texts) if texts else []
+    except TextEncodingError as e:  # name the conversation, as every other bad-conversation error does
+        span_ops = np.flatnonzero(np.array(ops) < 0)  # position in `ops` of each text span, in text order
+        index = int(np.searchsorted(np.array(conv_ops), span_ops[e.item], side="right")) - 1
+        raise ConversationError(index, f"a text is {e.reason}") from None
+    tokens, span_offsets = _C.flatten_token_lists(token_lists)
     ids, mask, offsets = _C.render_assemble(
         tokens, span_offsets, np.array(ops, dtype=np.int64), np.array(conv_ops, dtype=np.int64), max_tokens
     )

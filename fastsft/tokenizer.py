@@ -92,6 +92,25 @@ def _bpe_merge(ranks: Mapping[bytes, int], token: bytes, max_rank: int) -> list[
         parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
 
 
+class TextEncodingError(ValueError):
+    """A text the tokenizer cannot encode: not valid Unicode (a lone surrogate such as "\\ud800", which JSON can
+    spell but UTF-8 cannot). `item` is its position in the batch, `reason` says what and where."""
+
+    def __init__(self, item: int, reason: str):
+        super().__init__(f"text {item}: {reason}")
+        self.item, self.reason = item, reason
+
+
+def _check_encodable(texts: Sequence[str]) -> None:
+    """Raise TextEncodingError for the first text that is not valid Unicode (called after the backend refused)."""
+    for k, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TextEncodingError(k, f"not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at character "
+                                       f"{e.start})") from None
+
+
 class Tokenizer:
     """Byte-level BPE with the nine chat special tokens appended after the ordinary vocabulary."""
 
@@ -154,13 +173,21 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=[],
         )
-        backend.train_from_iterator(texts, trainer)
+        try:
+            backend.train_from_iterator(texts, trainer)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"train_from_iterator: a text is not valid Unicode (lone surrogate "
+                             f"U+{ord(e.object[e.start]):04X} at character {e.start})") from None
         return cls(backend)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer.json written by save() (or any byte-level BPE file with our specials, or none)."""
-        return cls(HFTokenizer.from_file(os.fspath(path)))
+        try:
+            backend = HFTokenizer.from_file(os.fspath(path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for any unreadable file
+            raise ValueError(f"{path}: not a tokenizer.json that the `tokenizers` library can read ({e})") from None
+        return cls(backend)
 
     @classmethod
     def from_gpt2(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike) -> Tokenizer:
@@ -208,7 +235,11 @@ class Tokenizer:
         """Ordinary text -> ids. Never yields a special id, whatever the text spells."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        return self._hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        except (UnicodeEncodeError, TypeError):
+            _check_encodable([text])
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts in one call into the Rust batch encoder (parallel threads); same ids as encode on each."""
@@ -220,7 +251,12 @@ class Tokenizer:
         if not all(isinstance(t, str) for t in texts):
             k = next(k for k, t in enumerate(texts) if not isinstance(t, str))
             raise TypeError(f"encode_batch: item {k} is {type(texts[k]).__name__}, expected str")
-        return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)
+        except (UnicodeEncodeError, TypeError):  # the backend's errors for a lone surrogate; valid text pays nothing
+            _check_encodable(texts)
+            raise
+        return [e.ids for e in encodings]
 
     def encode_special(self, name: str) -> int:
         """The id of one of SPECIAL_TOKENS; KeyError naming the valid names otherwise."""

@@ -208,7 +208,9 @@ def fake_datasets(monkeypatch):
     """A stand-in `datasets` module whose load_dataset returns rows registered by the test."""
     calls, tables = [], {}
 
-    def load_dataset(path, name=None, split=None):
+    def load_dataset(path, name=None, split=None, trust_remote_code=None):
+        # datasets < 4 declares the switch: fastsft must turn remote code off explicitly.
+        assert trust_remote_code is False, "the hub loader must pass trust_remote_code=False"
         calls.append((path, name, split))
         return tables[(path, name, split)]
 
@@ -249,6 +251,18 @@ def test_hub_bad_rows_name_the_row(fake_datasets):
     with pytest.raises(DataError, match=r"smoltalk:HuggingFaceTB/smol-smoltalk@train: row 2: 'messages' is empty"):
         SmolTalk()
     assert len(SmolTalk(on_error="skip")) == 2
+
+
+def test_hub_loader_of_datasets_4_gets_no_remote_code_switch(monkeypatch):
+    # datasets >= 4 runs no loading scripts and rejects the argument: it must not be passed there.
+    seen = {}
+
+    def load_dataset(path, name=None, split=None, **config_kwargs):
+        seen.update(config_kwargs, split=split)
+        return SMOLTALK_ROWS
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert len(SmolTalk()) == len(SMOLTALK_ROWS) and seen == {"split": "train"}
 
 
 def test_hub_without_datasets_is_a_clear_error(monkeypatch):

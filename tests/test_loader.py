@@ -74,14 +74,41 @@ def test_bad_arguments(task, tokenizer):
         PackedBatchStream(task, tokenizer, rows=1, seq_len=64, buffer=0)
 
 
-def test_train_dry_run_command(capsys):
-    from fastsft.cli import main
+def test_dry_run_report(capsys):
+    from fastsft.dry_run import dry_run
 
-    assert main(["train", "--dry-run", "--data", "synthetic:spell?size=40", "--rows", "2", "--seq-len", "96"]) == 0
+    totals = dry_run("synthetic:spell?size=40", rows=2, seq_len=96)
     out = capsys.readouterr().out
     assert "epoch: 40 conversations" in out and "(2, 96) int64" in out and "nothing was trained" in out
-    assert main(["train", "--data", "synthetic:spell?size=40"]) == 2
-    assert "--dry-run" in capsys.readouterr().err
+    assert totals["conversations"] == 40 and totals["supervised"] > 0
+
+
+@pytest.mark.parametrize("rows,seq_len", [(2, 0), (0, 64), (2, 1)])
+def test_dry_run_rejects_a_bad_shape_before_any_tokenizer_is_trained(monkeypatch, rows, seq_len):
+    import fastsft.dry_run
+
+    def no_tokenizer(*_):
+        raise AssertionError("a tokenizer was made before the arguments were checked")
+
+    monkeypatch.setattr(fastsft.dry_run, "load_tokenizer", no_tokenizer)
+    with pytest.raises(ValueError, match="rows >= 1 and seq_len >= 2"):
+        fastsft.dry_run.dry_run("synthetic:spell?size=40", rows=rows, seq_len=seq_len)
+
+
+def test_dry_run_without_supervised_targets_is_an_error(tmp_path, capsys):
+    import json
+
+    from fastsft.data.base import DataError
+    from fastsft.dry_run import dry_run
+
+    # Long questions, short answers: at seq_len 16 every conversation is cut before its answer.
+    rows = [{"messages": [{"role": "user", "content": "word " * 60 + str(i)}, {"role": "assistant", "content": "ok"}]}
+            for i in range(20)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"no supervised target.*20 of 20 conversations were cut to seq_len=16"):
+        dry_run(f"jsonl:{path}", rows=2, seq_len=16)
+    assert dry_run(f"jsonl:{path}", rows=2, seq_len=1024)["supervised"] > 0
 
 
 def test_a_bad_conversation_is_named_by_task_and_position(tokenizer):
@@ -106,15 +133,14 @@ def test_a_bad_conversation_is_named_by_task_and_position(tokenizer):
 def test_dry_run_reports_skipped_rows_at_the_end(tmp_path, capsys):
     import json
 
-    from fastsft.cli import main
+    from fastsft.dry_run import dry_run
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(12)]
     rows[5] = {"messages": [{"role": "assistant", "content": "out of order"}]}
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert main(["train", "--dry-run", "--data", f"jsonl:{path}", "--rows", "1", "--seq-len", "64",
-                 "--skip-bad-rows"]) == 0
+    dry_run(f"jsonl:{path}", rows=1, seq_len=64, on_error="skip")
     out = capsys.readouterr().out
     assert "epoch: 11 conversations" in out
     tail = out[out.index("skipped rows"):]

@@ -23,11 +23,24 @@ class DataError(ValueError):
 
 
 class RowError(ValueError):
-    """One row of a dataset cannot be mapped to a conversation; `reason` is short and groups rows for counting."""
+    """One row of a dataset cannot be mapped to a conversation; `reason` is short and groups rows for counting,
+    `detail` (optional) says where in the row, e.g. the column of a JSON error."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
+
+
+SKIP_HINT = "skip such rows with --skip-bad-rows (in Python: on_error='skip'); skipped rows are counted"
+
+
+class BadRowError(DataError):
+    """A bad row met under on_error='error': the message names the source, the row and the reason, and says how
+    to skip such rows (for command-line users and Python callers alike)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message}; {SKIP_HINT}")
 
 
 def check_on_error(on_error: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fastsft.data.files import LAYOUTS, detect_layout
+from fastsft.data.files import LAYOUTS, OPTIONAL_FIELDS, detect_layout
 from fastsft.data.rows import RowTask
 
 
@@ -26,11 +26,16 @@ class ConversationFile(RowTask):
             self.fields = LAYOUTS[layout][0]
         super().__init__(source, **kw)
 
-    def check_layout(self, rows: Sequence[dict]) -> None:
+    def mappable_fields(self) -> tuple[str, ...]:
+        layouts = LAYOUTS if self.layout == "auto" else {self.layout: LAYOUTS[self.layout]}
+        names = [f for fields, _ in layouts.values() for f in fields] + list(OPTIONAL_FIELDS)
+        return tuple(dict.fromkeys(names))
+
+    def check_layout(self, probe: Sequence[dict]) -> None:
         if self.layout == "auto":
-            self.layout = detect_layout(rows, self.name)
+            self.layout = detect_layout(probe, self.name)
             self.fields = LAYOUTS[self.layout][0]
-        super().check_layout(rows)
+        super().check_layout(probe)
 
     def map_row(self, row: dict) -> dict:
         return LAYOUTS[self.layout][1](row)

@@ -4,21 +4,43 @@ Both paths hand the same list-like of row dicts to the same row-mapping code (fa
 read from a local copy of a hub dataset behaves exactly like the hub version. This file also holds the mappers
 of the three common conversation file layouts: chat `messages`, ShareGPT `conversations`, Alpaca
 `instruction/input/output`.
+
+Bad input (docs/bad_input.md has the table). JSONL is read as a stream of byte lines, each line at most
+`max_row_bytes` (DEFAULT_MAX_ROW_BYTES unless the spec sets `max_row_bytes=N`), so a .gz that inflates to
+gigabytes in one line is stopped at the limit and never reaches memory or the tokenizer. A line that is too
+long, not UTF-8, not JSON, or nested deeper than the JSON parser goes is a bad row: an error naming the file, the
+line and the reason, or with on_error='skip' left out and counted by reason. Corrupt or truncated gzip data is an
+error naming the file and the last line read. A UTF-8 byte order mark at the start of a file is accepted.
+
+Memory: the lines of a JSONL file are kept as raw bytes back to back (JsonLines) and parsed again each time a row
+is read, so reading a file holds about its own size instead of the several times that parsed Python dicts take
+(tests/test_bad_input.py measures it). A .json file is one document: it is read whole (up to MAX_JSON_BYTES) and
+parsed at once; invalid UTF-8 inside it reaches the rows as lone surrogates, which the row check names.
 """
 
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import os
+import zlib
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from fastsft.data.base import DataError, RowError
+import numpy as np
+
+from fastsft.data.base import BadRowError, DataError, RowError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+DEFAULT_MAX_ROW_BYTES = 64 << 20  # one JSONL line; far above any real conversation, far below a memory problem
+MAX_JSON_BYTES = 4 << 30  # a whole .json document (decompressed); larger data belongs in JSON Lines
+BOM = b"\xef\xbb\xbf"
+# What a broken .gz raises while it is read: a bad header, a bad deflate stream, or data ending mid-stream.
+GZIP_ERRORS = (gzip.BadGzipFile, zlib.error, EOFError)
 
 
 @dataclass
@@ -27,11 +49,36 @@ class Records:
 
     name: str
     rows: Sequence[dict]
-    line_numbers: list[int] | None = None
+    line_numbers: Sequence[int] | None = None
     skipped: Counter = field(default_factory=Counter)
 
     def where(self, i: int) -> str:
         return f"line {self.line_numbers[i]}" if self.line_numbers is not None else f"row {i}"
+
+
+class JsonLines(Sequence):
+    """The rows of a JSONL file kept as their raw UTF-8 lines back to back, parsed on every access.
+
+    Every line stored here was parsed once already while reading (so it is valid), and each access returns
+    fresh dicts, so no caller can change the rows another caller sees.
+    """
+
+    def __init__(self, blob: bytearray, offsets: np.ndarray):
+        self.blob = blob  # the lines, back to back
+        self.offsets = offsets  # (N+1,) int64: line i is blob[offsets[i]:offsets[i+1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        a, b = self.offsets[i], self.offsets[i + 1]  # IndexError past the end, as a sequence should
+        return json.loads(self.blob[a:b].decode("utf-8"))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self[i]
 
 
 def _base_suffix(path: Path) -> str:
@@ -53,38 +100,83 @@ def looks_like_file(source: str) -> bool:
     )
 
 
-def _open_text(path: Path):
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
-def read_jsonl(path: Path, on_error: str = "error") -> Records:
-    rows, lines, skipped = [], [], Counter()
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if on_error == "error":
-                    raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-                skipped["malformed JSON line"] += 1
-                continue
-            rows.append(row)
-            lines.append(line_no)
-    return Records(str(path), rows, lines, skipped)
+def parse_line(raw: bytes) -> Any:
+    """One JSONL line -> its value, or a RowError whose reason groups such lines for counting."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RowError("invalid UTF-8 line", f"byte 0x{raw[e.start]:02x} at byte {e.start + 1}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RowError("malformed JSON line", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise RowError("JSON nested too deeply") from None
+
+
+def read_jsonl(path: Path, on_error: str = "error", max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Records:
+    """The rows of a JSON Lines file (or .jsonl.gz), streamed line by line; see the module docstring."""
+    if isinstance(max_row_bytes, bool) or not isinstance(max_row_bytes, int) or max_row_bytes < 1:
+        raise ValueError(f"max_row_bytes must be a positive int, got {max_row_bytes!r}")
+    blob, offsets, lines, skipped = bytearray(), array("q", [0]), array("q"), Counter()
+    line_no = 0
+    with _open_binary(path) as f:
+        try:
+            while True:
+                raw = f.readline(max_row_bytes + 1)
+                if not raw:
+                    break
+                line_no += 1
+                if line_no == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                try:
+                    if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+                        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                            pass  # skip the rest of the line in bounded pieces, never holding it
+                        raise RowError("line longer than max_row_bytes",
+                                       f"more than {max_row_bytes:,} bytes; if such rows are real, raise the limit "
+                                       f"with the spec option ?max_row_bytes=N")
+                    if not raw.strip():
+                        continue
+                    parse_line(raw)
+                except RowError as e:
+                    if on_error == "error":
+                        raise BadRowError(f"{path}: line {line_no}: {e}") from None
+                    skipped[e.reason] += 1
+                    continue
+                blob += raw.rstrip(b"\r\n")
+                offsets.append(len(blob))
+                lines.append(line_no)
+        except GZIP_ERRORS as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data after line {line_no} ({e})") from None
+    return Records(str(path), JsonLines(blob, np.frombuffer(offsets, dtype=np.int64)),
+                   np.frombuffer(lines, dtype=np.int64), skipped)
 
 
 def read_json(path: Path) -> Records:
     """A JSON list of rows, or an object whose only list-valued field holds the rows ({"data": [...]})."""
-    with _open_text(path) as f:
+    with _open_binary(path) as f:
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            hint = " (one object per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
-            raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}){hint}") from None
+            raw = f.read(MAX_JSON_BYTES + 1)
+        except GZIP_ERRORS as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise DataError(f"{path}: a .json document larger than {MAX_JSON_BYTES:,} bytes; store the rows as JSON "
+                        f"Lines (.jsonl), which is read line by line")
+    # surrogateescape: an invalid byte becomes a lone surrogate inside its row's text, which the row check names.
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    del raw
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one object per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to parse") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -106,14 +198,19 @@ def read_parquet(path: Path) -> Records:
     return Records(str(path), pq.read_table(path).to_pylist())
 
 
-def read_file(path: str | Path, on_error: str = "error") -> Records:
+def read_file(path: str | Path, on_error: str = "error", max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Records:
     """Rows of a local .jsonl / .json / .parquet file (.jsonl.gz and .json.gz too)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"data file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        hint = ""
+        if path.is_dir():
+            hint = " (it is a directory)"
+        elif "?" in str(path):
+            hint = " ('?' starts the spec's options only when KEY=VALUE pairs follow it)"
+        raise DataError(f"data file not found: {path}{hint}")
     suffix = _base_suffix(path)
     if suffix == ".jsonl":
-        return read_jsonl(path, on_error)
+        return read_jsonl(path, on_error, max_row_bytes)
     if suffix == ".json":
         return read_json(path)
     if suffix == ".parquet":
@@ -131,17 +228,24 @@ def read_hub(dataset_id: str, config: str | None, split: str) -> Records:
             f"`datasets` package: pip install 'fastsft[hub]' (or pass a local .jsonl/.json/.parquet file)"
         ) from None
     args = (dataset_id, config) if config else (dataset_id,)
+    # Never run a dataset's own loading script: reading data must not execute code from the hub. datasets < 4
+    # takes the switch (and has defaulted it to True in some versions); datasets >= 4 runs no scripts at all and
+    # refuses the argument, so it is passed exactly where load_dataset declares it.
+    kwargs = {"split": split}
+    if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
+        kwargs["trust_remote_code"] = False
     try:
-        ds = datasets.load_dataset(*args, split=split)
+        ds = datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
         raise DataError(f"could not load hub dataset {dataset_id!r} (config {config!r}, split {split!r}): {e}") from e
     return Records(f"{dataset_id}@{split}", ds)
 
 
-def read_source(source: str, hub_config: str | None, default_split: str, on_error: str = "error") -> Records:
+def read_source(source: str, hub_config: str | None, default_split: str, on_error: str = "error",
+                max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Records:
     """A local file when `source` names one, else a hub id with an optional '@split'."""
     if looks_like_file(source):
-        return read_file(source, on_error)
+        return read_file(source, on_error, max_row_bytes)
     dataset_id, _, split = source.partition("@")
     return read_hub(dataset_id, hub_config, split or default_split)
 
@@ -227,6 +331,9 @@ def map_alpaca(row: dict) -> dict:
     return {"messages": messages}
 
 
+# Fields the mappers read when present (Alpaca's input, system, history; ShareGPT's system).
+OPTIONAL_FIELDS = ("input", "system", "history")
+
 # layout name -> (fields that identify it, mapper)
 LAYOUTS = {
     "messages": (("messages",), map_messages),
@@ -247,5 +354,6 @@ def detect_layout(rows: Sequence[dict], name: str, probe: int = 100) -> str:
                 return layout
     raise DataError(
         f"{name}: unknown field layout: rows have fields {sorted(seen)[:20]}; expected 'messages' (chat), "
-        f"'conversations' (ShareGPT) or 'instruction' + 'output' (Alpaca)"
+        f"'conversations' (ShareGPT) or 'instruction' + 'output' (Alpaca); a field under another name can be "
+        f"mapped in the spec, e.g. alpaca:FILE?output=response"
     )

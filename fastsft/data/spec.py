@@ -9,7 +9,10 @@ SOURCE is a local .jsonl/.json/.parquet file (optionally .gz), or a hub dataset 
 (`gsm8k:openai/gsm8k@test`; `gsm8k:@test` or plain `gsm8k` use the task's own hub id and default split), or for
 synthetic the task name with an optional @split (`synthetic:arithmetic@test`).
 Options: start, stop, step (a slice of the task), size and seed (synthetic), subset (hub config, e.g.
-`mmlu?subset=auxiliary_train`), layout (jsonl: auto, messages, sharegpt, alpaca).
+`mmlu?subset=auxiliary_train`), layout (jsonl: auto, messages, sharegpt, alpaca), max_row_bytes (the longest
+JSONL line read, fastsft/data/files.py), and FIELD=NAME to read a field of the task's layout from another field of
+the rows (`alpaca:data.json?output=response`). Options begin at the last '?' followed by KEY=VALUE pairs, so a
+file name may itself contain '?'.
 `*N` passes the task N times to the mixture, so each of its examples is seen N times per epoch.
 Examples: `gsm8k:data/gsm8k_train.jsonl?stop=1000`, `smoltalk,mmlu?subset=auxiliary_train,gsm8k*2`,
 `synthetic:arithmetic?size=20000,synthetic:spell@train?size=5000`. A path containing ',' cannot be in a spec.
@@ -17,6 +20,7 @@ Examples: `gsm8k:data/gsm8k_train.jsonl?stop=1000`, `smoltalk,mmlu?subset=auxili
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Iterable
 
@@ -31,9 +35,37 @@ from fastsft.data.synthetic import SYNTHETIC_TASKS
 
 KINDS = ("smoltalk", "arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "jsonl", "sharegpt", "alpaca",
          "synthetic")
-INT_OPTIONS = ("start", "stop", "step", "size", "seed")
+INT_OPTIONS = ("start", "stop", "step", "size", "seed", "max_row_bytes")
 STR_OPTIONS = ("subset", "layout")
 REPEAT = re.compile(r"\*(\d+)$")
+# A '*' near the end that is not a valid '*N' (a typo such as 'gsm8k*2x' or 'gsm8k*'): nothing after it but
+# characters that cannot end a path ('/' would make it a directory name, '.' a file suffix).
+BAD_REPEAT = re.compile(r"\*[^*/.?]*$")
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _parse_options(spec: str, query: str) -> dict | None:
+    """'k=v&k2=v2' -> options (field mappings under 'field_map'); None when `query` is not an option list at all."""
+    items = query.split("&")
+    if not all("=" in item and FIELD_NAME.match(item.partition("=")[0]) for item in items):
+        return None
+    options: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key in INT_OPTIONS:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise DataError(f"task spec {spec!r}: option {key} must be an integer, got {value!r}") from None
+        elif key in STR_OPTIONS:
+            options[key] = value
+        elif FIELD_NAME.match(value):  # a field mapping: the task's field KEY is the row's field VALUE
+            options.setdefault("field_map", {})[key] = value
+        else:
+            raise DataError(f"task spec {spec!r}: bad option {item!r}; expected KEY=VALUE with KEY one of "
+                            f"{', '.join(INT_OPTIONS + STR_OPTIONS)}, or FIELD=NAME to read a field of the task "
+                            f"from the row's field NAME")
+    return options
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict, int]:
@@ -48,24 +80,30 @@ def parse_spec(spec: str) -> tuple[str, str, dict, int]:
         if repeats < 1:
             raise DataError(f"task spec {spec!r}: repeat count must be >= 1")
         text = text[: match.start()]
-    text, _, query = text.partition("?")
-    kind, _, source = text.partition(":")
+    elif BAD_REPEAT.search(text) and not os.path.exists(text.partition(":")[2]):
+        raise DataError(f"task spec {spec!r}: bad repeat {BAD_REPEAT.search(text).group(0)!r}; '*N' needs a "
+                        f"whole number N >= 1 (e.g. gsm8k*2)")
+    kind, _, rest = text.partition(":")
     kind = kind.strip().lower()
     if kind not in KINDS:
-        raise DataError(f"task spec {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    options: dict = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in INT_OPTIONS + STR_OPTIONS:
-            raise DataError(f"task spec {spec!r}: bad option {item!r}; expected KEY=VALUE with KEY one of "
-                            f"{', '.join(INT_OPTIONS + STR_OPTIONS)}")
-        if key in INT_OPTIONS:
-            try:
-                options[key] = int(value)
-            except ValueError:
-                raise DataError(f"task spec {spec!r}: option {key} must be an integer, got {value!r}") from None
+        kind_only = kind.partition("?")[0]
+        if kind_only in KINDS:  # 'gsm8k?stop=3': options straight after the kind
+            kind, rest = kind_only, text[len(kind_only):]
         else:
-            options[key] = value
+            raise DataError(f"task spec {spec!r}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    # Options start at the last '?' whose tail is a KEY=VALUE list, so a file name may contain '?' itself.
+    source, options = rest, {}
+    cut = rest.rfind("?")
+    while cut >= 0:
+        parsed = _parse_options(spec, rest[cut + 1:])
+        if parsed is not None:
+            source, options = rest[:cut], parsed
+            break
+        cut = rest.rfind("?", 0, cut)
+    if cut < 0 and "?" in rest and not os.path.exists(rest):
+        query = rest[rest.rfind("?") + 1:]
+        raise DataError(f"task spec {spec!r}: bad option {query!r}; expected KEY=VALUE pairs joined by '&' with KEY "
+                        f"one of {', '.join(INT_OPTIONS + STR_OPTIONS)} or a field name (no such file either)")
     return kind, source.strip(), options, repeats
 
 
