@@ -3,7 +3,9 @@
 import json
 import pickle
 import random
+import re
 import shutil
+import textwrap
 import types
 
 import numpy as np
@@ -209,12 +211,231 @@ def test_save_refuses_to_replace_a_foreign_directory(tmp_path):
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
 
 
+def test_save_refuses_to_delete_files_a_user_put_into_a_checkpoint(tmp_path):
+    ck = save(tiny_model(), tmp_path / "ck")
+    (ck / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"also holds \['notes.txt'\], which replacing it would delete"):
+        save(tiny_model(seed=1), ck)
+    assert (ck / "notes.txt").read_text() == "mine"
+    (ck / "notes.txt").unlink()
+    save(tiny_model(seed=1), ck)  # its own files only: replaced
+
+
+def test_save_refuses_what_is_not_a_fastsft_checkpoint_and_takes_an_empty_directory(tmp_path):
+    other = tmp_path / "hf_model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))  # a config.json, not ours
+    with pytest.raises(FileExistsError, match="not a fastsft checkpoint"):
+        save(tiny_model(), other)
+    assert json.loads((other / "config.json").read_text()) == {"model_type": "llama"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save(tiny_model(), tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    load(save(tiny_model(), tmp_path / "empty"))
+
+
+KILLED_SAVE_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from fastsft import checkpoint
+    from fastsft.model import GPT, GPTConfig
+
+    target, where = sys.argv[1], sys.argv[2]
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=75, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    if where == "while_writing":  # the model file is half written into the staging directory
+        def dies(tensors, path, metadata=None):
+            with open(path, "wb") as f:
+                f.write(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.save_file = dies
+    else:  # between the renames: the old checkpoint moved aside, the new one still in staging
+        real_rename, calls = os.rename, []
+        def rename(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_rename(src, dst)
+        checkpoint.os.rename = rename
+    checkpoint.save(model, target)
+""")
+
+
+@pytest.mark.parametrize("where", ["while_writing", "between_the_renames"])
+def test_a_save_killed_with_sigkill_leaves_leftovers_the_next_save_removes(tmp_path, where):
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "ck"
+    first = tiny_model(seed=1)
+    save(first, target)
+    (tmp_path / ".ck.mine.tmp").mkdir()  # not of our making (no 32-hex tag): never touched
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE_SCRIPT, str(target), where], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.") and p.name != ".ck.mine.tmp")
+    if where == "while_writing":
+        assert [name[-4:] for name in leftovers] == [".tmp"]
+        loaded, _ = load(target)  # the old checkpoint, whole
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), loaded.state_dict().values()))
+    else:
+        assert sorted(name[-4:] for name in leftovers) == [".old", ".tmp"] and not target.exists()
+        with pytest.raises(FileNotFoundError, match="interrupted save left"):
+            load(target)
+    second = tiny_model(seed=2)
+    save(second, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.mine.tmp", "ck"]
+    loaded, _ = load(target)
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_load_rejects_foreign_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "other", "version": 1}))
     with pytest.raises(ValueError, match="format 'other'"):
         load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="format None"):
+        load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed, corrupt or mismatched files: each error names the file and the field or tensor
+
+
+def edit_config(ck, edit):
+    header = json.loads((ck / "config.json").read_text())
+    edit(header)
+    (ck / "config.json").write_text(json.dumps(header))  # NaN stays NaN (json's default allow_nan)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("qk_scale", "false", r"GPTConfig.qk_scale must be true or false, got 'false' \(str\)"),
+    ("short_window", True, r"GPTConfig.short_window must be an integer, got True"),
+    ("softcap", float("nan"), r"GPTConfig.softcap must be a finite number > 0, got nan"),
+    ("rope_base", 0, r"GPTConfig.rope_base must be a finite number > 0, got 0.0"),
+    ("n_layer", "2", r"GPTConfig.n_layer must be an integer, got '2'"),
+    ("n_experts", 8, r"GPTConfig has no fields \['n_experts'\]"),
+])
+def test_config_fields_are_type_and_range_checked_naming_file_and_field(tmp_path, field, value, message):
+    ck = save(tiny_model(), tmp_path / "ck")
+    edit_config(ck, lambda h: h["config"].__setitem__(field, value))
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"load: {ck / 'config.json'}: ") + message):
+        load(ck)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["config"].pop("qk_scale"), r"'config' lacks the fields \['qk_scale'\]"),
+    (lambda h: h.__setitem__("config", [1]), "'config' must be an object of GPTConfig fields, got list"),
+    (lambda h: h.__setitem__("meta", "x"), "'meta' must be an object"),
+    (lambda h: h.pop("checksums"), "'checksums' must be an object, got NoneType"),
+    (lambda h: h["checksums"].__setitem__("notes.txt", {"sha256": "0"}), r"not part of a checkpoint: \['notes.txt'\]"),
+    (lambda h: h["checksums"][checkpoint.MODEL_FILE].pop("tensors_sha256"), "malformed checksum entry for model"),
+])
+def test_malformed_config_json_is_named(tmp_path, edit, message):
+    ck = save(tiny_model(), tmp_path / "ck")
+    edit_config(ck, edit)
+    with pytest.raises(checkpoint.CheckpointError, match=message) as error:
+        load(ck)
+    assert str(ck / "config.json") in str(error.value)
+
+
+def test_config_json_that_is_not_json_is_named(tmp_path):
+    ck = save(tiny_model(), tmp_path / "ck")
+    (ck / "config.json").write_text((ck / "config.json").read_text()[:50])
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"{ck / 'config.json'} is not valid JSON")):
+        load(ck)
+
+
+def rewrite_weights(ck, change):
+    """Replace model.safetensors by change(tensors), with checksums that match (as a foreign tool would write it),
+    so that the checks after the checksum are the ones that speak."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ck / checkpoint.MODEL_FILE)
+    change(tensors)
+    save_file(tensors, ck / checkpoint.MODEL_FILE)
+    entry = checkpoint._tensor_file_checksums(ck / checkpoint.MODEL_FILE, tensors)
+    edit_config(ck, lambda h: h["checksums"].__setitem__(checkpoint.MODEL_FILE, entry))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
+def test_weights_of_a_dtype_a_model_does_not_use_are_refused(tmp_path, dtype):
+    ck = save(tiny_model(), tmp_path / "ck")
+    rewrite_weights(ck, lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"].to(dtype)))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"model.safetensors: tensor 'lm_head.weight' is {dtype}; weights must be one of "
+                             r"torch.float32, torch.bfloat16, torch.float16"):
+        load(ck)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    ck = save(tiny_model(), tmp_path / "ck")
+    rewrite_weights(ck, lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"][:, :-1].contiguous()))
+    with pytest.raises(checkpoint.CheckpointError, match=r"tensor 'lm_head.weight' has shape \(128, 63\), the "
+                                                         r"config in config.json makes it \(128, 64\)"):
+        load(ck)
+    rewrite_weights(ck, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing \['lm_head.weight'\], unexpected \[\]"):
+        load(ck)
+
+
+def flip_bit(file, offset, bit=3):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 1 << bit
+    file.write_bytes(bytes(data))
+
+
+def tensor_offset(file, name):
+    """Byte offset of tensor `name`'s data in a safetensors file (8-byte length, JSON header, data)."""
+    length = int.from_bytes(file.read_bytes()[:8], "little")
+    header = json.loads(file.read_bytes()[8:8 + length])
+    return 8 + length + header[name]["data_offsets"][0]
+
+
+def test_a_flipped_bit_is_named(tmp_path):
+    from fastsft.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["a flipped bit in a checkpoint"] * 10, vocab_size=280)
+    src = save(tiny_model(), tmp_path / "src", tokenizer=tok, train_state={"m": torch.arange(6.0), "step": 3})
+    cases = [
+        (checkpoint.MODEL_FILE, lambda f: tensor_offset(f, "transformer.h.1.attn.c_k.weight") + 5,
+         r"model.safetensors: tensor 'transformer.h.1.attn.c_k.weight' does not match its checksum"),
+        (checkpoint.MODEL_FILE, lambda f: 20, r"model.safetensors: its header .* does not match its checksum"),
+        (checkpoint.STATE_TENSORS_FILE, lambda f: tensor_offset(f, "t0"),
+         r"train_state.safetensors: tensor 't0' does not match its checksum"),
+        (checkpoint.TOKENIZER_FILE, lambda f: 40, r"tokenizer.json does not match its checksum"),
+        (checkpoint.STATE_JSON_FILE, lambda f: 12, r"train_state.json does not match its checksum"),
+    ]
+    for i, (name, offset, message) in enumerate(cases):
+        ck = tmp_path / f"ck{i}"
+        shutil.copytree(src, ck)
+        flip_bit(ck / name, offset(ck / name))
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            load(ck)
+    load(src)  # the untouched copy loads
+
+
+def test_missing_truncated_and_stray_files_are_named(tmp_path):
+    from fastsft.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["stray files"] * 10, vocab_size=270)
+    ck = save(tiny_model(), tmp_path / "ck", tokenizer=tok)
+    (ck / checkpoint.TOKENIZER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json not found \(listed in .*config.json\)"):
+        load(ck)
+    ck = save(tiny_model(), tmp_path / "ck")  # without a tokenizer: one copied in is not part of this save
+    (ck / checkpoint.TOKENIZER_FILE).write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match=r"tokenizer.json is not listed in .*config.json"):
+        load(ck)
+    (ck / checkpoint.TOKENIZER_FILE).unlink()
+    model_file = ck / checkpoint.MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:-100])  # the header intact, the data cut short
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors cannot be read"):
+        load(ck)
 
 
 # ---------------------------------------------------------------------------------------------------------------
