@@ -12,22 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsft.model import GPT, GPTConfig
+from fastsft.model import GPTConfig
+from shapes import STEP_ROWS, parameter_shapes
 
 pytestmark = pytest.mark.gpu
-
-ROWS_BY_MODEL = {"d12": 32, "d20": 16}  # the issue's step shapes: d12 at 32x2048, d20 at 16x2048
-
-
-def parameter_shapes(name: str, muon: bool) -> list[tuple[int, ...]]:
-    """Shapes of the named model's parameters that the step gives to Muon (muon=True) or to AdamW, by the driver's
-    own rule (fastsft.optim.classify_parameter); the model is built on the meta device (no memory, no init)."""
-    from fastsft.optim import classify_parameter
-
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_name(name))
-    return [tuple(p.shape) for n, p in model.named_parameters() if (classify_parameter(n, p) == "matrix") == muon]
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Linear cross-entropy: lm_head + CE over the supervised rows of a step (two thirds of the tokens supervised).
@@ -39,7 +27,7 @@ def test_linear_cross_entropy(gpu_benchmark, benchmark, model, impl):
     from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
     config = GPTConfig.from_name(model)
-    n, h, v = ROWS_BY_MODEL[model] * config.sequence_len, config.n_embd, config.padded_vocab_size
+    n, h, v = STEP_ROWS[model] * config.sequence_len, config.n_embd, config.padded_vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=g) / h**0.5).to(torch.bfloat16).requires_grad_()

@@ -34,8 +34,9 @@ from fastsft.attention import attention_pairs, available_backends, varlen_attent
 from fastsft.model import GPT, GPTConfig  # noqa: E402
 from fastsft.packing import default_max_seqs, pack_rows, segment_budget  # noqa: E402
 
-SEQ_LEN, ROWS, HEADS, HEAD_DIM = 2048, 16, 10, 128
-SHORT_WINDOW = 512  # nanochat's S window at seq_len 2048: 2048 / 4 rounded up to 128
+D20 = GPTConfig.from_name("d20")  # the attention shape of the d20 step: 10 heads of 128, rows of 2048
+SEQ_LEN, ROWS, HEADS, HEAD_DIM = D20.sequence_len, 16, D20.n_head, D20.head_dim
+SHORT_WINDOW = min(D20.window_sizes())  # nanochat's S window: 2048 / 4 rounded up to 128 = 512
 TOLERANCE = 2e-2
 
 

@@ -193,10 +193,8 @@ def train_step(model, batch):
 
 def bench_model(backends, rng, device, rows_n=8):
     out = []
-    widths = {"d12": dict(n_layer=12, n_embd=768, n_head=6, n_kv_head=6),
-              "d20": dict(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10)}
-    for name, shape in widths.items():
-        config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=32768, **shape)
+    for name in ("d12", "d20"):
+        config = GPTConfig.from_name(name, sequence_len=SEQ_LEN)
         torch.manual_seed(0)
         model = GPT(config).to(device)
         model.init_weights()
@@ -226,7 +224,7 @@ def bench_compile(rng, device, steps=50, rows_n=8):
     backend = available_backends("cuda")[0]
     attention.set_backend(backend)
     attention.select_backend("cuda")  # decided before tracing
-    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=32768, n_layer=4, n_embd=768, n_head=6, n_kv_head=6)
+    config = GPTConfig.from_name("d12", n_layer=4, sequence_len=SEQ_LEN)  # d12's width, 4 layers
     torch.manual_seed(0)
     model = GPT(config).to(device)
     model.init_weights()

@@ -3,8 +3,8 @@
 AdamW: 124M fp32 parameters in GPT-2-small shapes (nanoGPT layout, tied head: 148 tensors) against
 torch.optim.AdamW(fused=True) and (foreach=True), plus bf16 parameters with fp32 moments; the bandwidth floor is
 the bytes a step must move divided by the measured device-copy bandwidth.
-Muon: nanochat d20's matrices (n_embd 1280, 20 layers: c_q, c_k, c_v, c_proj 1280x1280, c_fc 5120x1280, mlp
-c_proj 1280x5120) against the plain-PyTorch reference of the same math (kernels/muon.py) under torch.compile,
+Muon: the matrices d20 gives to Muon (GPTConfig.from_name("d20") through bench/shapes.py: c_q, c_k, c_v, c_proj
+1280x1280, c_fc 5120x1280, mlp c_proj 1280x5120, value-embedding gates) against the plain-PyTorch reference of the same math (kernels/muon.py) under torch.compile,
 with both Gram backends (gram="triangle", the default; gram="bmm", the reference's order on cuBLAS).
 Each comparison first checks agreement after a few steps from identical inputs.
 
@@ -21,9 +21,11 @@ from triton.testing import do_bench
 
 from fastsft.kernels.adamw import AdamW
 from fastsft.kernels.muon import Muon, muon_reference_step, ns_coefficients
+from shapes import parameter_shapes
 
+# AdamW's shapes are GPT-2 small's on purpose: the figure torch's fused AdamW is compared at (DESIGN.md), not a
+# fastsft model; model shapes come from GPTConfig.from_name.
 GPT2_SMALL = dict(vocab=50257, ctx=1024, n_embd=768, n_layer=12)
-D20 = dict(n_embd=1280, n_layer=20)
 
 
 def gpt2_small_shapes():
@@ -35,8 +37,7 @@ def gpt2_small_shapes():
 
 
 def d20_matrix_shapes():
-    C, L = D20["n_embd"], D20["n_layer"]
-    return [s for _ in range(L) for s in [(C, C), (C, C), (C, C), (C, C), (4 * C, C), (C, 4 * C)]]
+    return parameter_shapes("d20", muon=True)
 
 
 def copy_bandwidth(device):
