@@ -73,7 +73,11 @@ class JsonLines(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        a, b = self.offsets[i], self.offsets[i + 1]  # IndexError past the end, as a sequence should
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        i = int(i) % n
+        a, b = self.offsets[i], self.offsets[i + 1]
         return json.loads(self.blob[a:b].decode("utf-8"))
 
     def __iter__(self) -> Iterator[Any]:
