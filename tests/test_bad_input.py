@@ -64,6 +64,13 @@ def test_bad_line_through_the_cli(tmp_path, capsys):
     assert "skipped 1 rows: 1 x lone surrogate in a text (not valid Unicode)" in capsys.readouterr().out
 
 
+def test_a_file_of_only_bad_lines(tmp_path):
+    path = write(tmp_path / "data.jsonl", b"{x\n", b"\xff\n")
+    with pytest.raises(DataError, match=r"empty dataset: all 2 lines were skipped\n.*1 x malformed JSON line; "
+                                        r"1 x invalid UTF-8 line"):
+        load_task(f"jsonl:{path}", on_error="skip")
+
+
 def test_invalid_utf8_in_a_json_document_names_the_row(tmp_path):
     rows = b'[{"instruction": "a", "output": "b"}, {"instruction": "c \xff", "output": "d"}]'
     path = write(tmp_path / "data.json", rows)

@@ -89,14 +89,23 @@ def test_alpaca_mapping_with_input_system_and_history(tmp_path):
         {"role": "assistant", "content": "Hi!"}]
 
 
-def test_shared_alpaca_file(shared_data):
-    task = load_task(f"jsonl:{shared_data / 'alpaca_en_demo.json'}")
-    raw = json.loads((shared_data / "alpaca_en_demo.json").read_text())
-    assert task.layout == "alpaca" and len(task) == len(raw) == 999
-    for i in (0, 17, 998):
+def check_alpaca_file(path, rows):
+    task = load_task(f"jsonl:{path}")
+    raw = json.loads(path.read_text())
+    assert task.layout == "alpaca" and len(task) == len(raw) == rows
+    with_input = next(i for i, row in enumerate(raw) if row["input"].strip())
+    for i in (0, 17, with_input, rows - 1):
         user = raw[i]["instruction"] + (f"\n\n{raw[i]['input']}" if raw[i]["input"].strip() else "")
         assert task[i]["messages"] == [{"role": "user", "content": user},
                                        {"role": "assistant", "content": raw[i]["output"]}]
+
+
+def test_alpaca_file(fixture_data):
+    check_alpaca_file(fixture_data / "alpaca_en_demo.json", 40)
+
+
+def test_whole_shared_alpaca_file(shared_data):
+    check_alpaca_file(shared_data / "alpaca_en_demo.json", 999)
 
 
 # --- construction errors ------------------------------------------------------------------------------------------
@@ -218,17 +227,17 @@ def fake_datasets(monkeypatch):
     return calls, tables
 
 
-def test_hub_path_uses_the_same_mapping(shared_data, fake_datasets):
+def test_hub_path_uses_the_same_mapping(fixture_data, fake_datasets):
     calls, tables = fake_datasets
-    path = shared_data / "gsm8k_train.jsonl"
-    rows = [json.loads(line) for line, _ in zip(open(path), range(300))]
+    path = fixture_data / "gsm8k_train.jsonl"
+    rows = [json.loads(line) for line in open(path)]
     tables[("openai/gsm8k", "main", "test")] = rows
-    from_file = load_task(f"gsm8k:{path}?stop=300")
+    from_file = load_task(f"gsm8k:{path}")
     for spec in ("gsm8k:openai/gsm8k@test", "gsm8k:@test"):
         from_hub = load_task(spec)
         assert calls[-1] == ("openai/gsm8k", "main", "test")
-        assert len(from_hub) == len(from_file) == 300
-        assert all(from_hub[i] == from_file[i] for i in range(300))
+        assert len(from_hub) == len(from_file) == len(rows) == 40
+        assert all(from_hub[i] == from_file[i] for i in range(40))
 
 
 def test_hub_default_ids_and_configs(tmp_path, fake_datasets):

@@ -116,6 +116,18 @@ def test_gsm8k_with_gpt2_files(shared_data, capsys):
     assert "<|python_start|>|48|/|2|<|python_end|>|<|output_start|>|24|<|output_end|>" in out
 
 
+def test_the_readme_example_runs_from_a_clone(fixture_data, capsys, monkeypatch):
+    # README's inspect example, command and output, is what running it in the repository prints today.
+    root = fixture_data.parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index("$ fastsft inspect"):]
+    block = block[:block.index("```")]
+    command, expected = block.split("\n", 1)
+    monkeypatch.chdir(root)
+    code, out, _ = run(capsys, *command.split()[3:], "--color", "never")
+    assert code == 0 and out == expected
+
+
 @pytest.mark.parametrize("args,match", [
     (["--data", "gsm8k:missing.jsonl"], "data file not found"),
     (["--data", "synthetic:spell?size=4", "--index", "4"], "--index 4 out of range"),

@@ -30,19 +30,19 @@ def test_spec_errors(spec, match):
         load_task(spec)
 
 
-def test_option_the_task_does_not_take(shared_data):
+def test_option_the_task_does_not_take(fixture_data):
     with pytest.raises(DataError, match="option not taken by a gsm8k task"):
-        load_task(f"gsm8k:{shared_data / 'gsm8k_train.jsonl'}?size=3")
+        load_task(f"gsm8k:{fixture_data / 'gsm8k_train.jsonl'}?size=3")
 
 
-def test_kinds_build_the_right_tasks(shared_data, tmp_path):
+def test_kinds_build_the_right_tasks(fixture_data, tmp_path):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     cases = {
-        f"gsm8k:{shared_data / 'gsm8k_train.jsonl'}?stop=5": (GSM8K, 5),
-        f"arc-easy:{shared_data / 'arc_easy_test.jsonl'}?start=2376": (ARC, 0),
-        f"mmlu:{shared_data / 'mmlu_dev.jsonl'}?step=100": (MMLU, 3),
-        f"humaneval:{shared_data / 'humaneval.jsonl.gz'}": (HumanEval, 164),
+        f"gsm8k:{fixture_data / 'gsm8k_train.jsonl'}?stop=5": (GSM8K, 5),
+        f"arc-easy:{fixture_data / 'arc_easy_test.jsonl'}?start=30": (ARC, 0),
+        f"mmlu:{fixture_data / 'mmlu_dev.jsonl'}?step=12": (MMLU, 3),
+        f"humaneval:{fixture_data / 'humaneval.jsonl.gz'}": (HumanEval, 13),
         f"smoltalk:{chat}": (SmolTalk, 1),
         f"jsonl:{chat}": (ConversationFile, 1),
         "synthetic:spell?size=9": (Spell, 9),
@@ -55,8 +55,8 @@ def test_kinds_build_the_right_tasks(shared_data, tmp_path):
     assert load_task("synthetic:spell", size=3).size == 3  # keywords override the spec
 
 
-def test_load_mixture_repeats_share_one_task(shared_data):
-    gsm = shared_data / "gsm8k_train.jsonl"
+def test_load_mixture_repeats_share_one_task(fixture_data):
+    gsm = fixture_data / "gsm8k_train.jsonl"
     mix = load_mixture(f"gsm8k:{gsm}?stop=40*3, synthetic:spell?size=25,synthetic:arithmetic?size=10*2", seed=5)
     assert isinstance(mix, TaskMixture) and len(mix) == 40 * 3 + 25 + 10 * 2
     assert [(type(t).__name__, len(t), r) for t, r in mix.repeats()] == [("GSM8K", 40, 3), ("Spell", 25, 1),

@@ -1,4 +1,8 @@
-"""Built-in tasks on the real shared files: field mapping, GSM8K calculator parts, multiple choice, HumanEval."""
+"""Built-in tasks on real data: field mapping, GSM8K calculator parts, multiple choice, HumanEval.
+
+The tests read the first rows of each data set kept in the repo (tests/fixtures/data); the whole files in the
+shared data folder, where it exists, are checked by test_whole_shared_files.
+"""
 
 import gzip
 import json
@@ -19,8 +23,8 @@ def read_jsonl(path, limit=None):
 
 
 @pytest.fixture(scope="module")
-def gsm8k(shared_data):
-    return GSM8K(str(shared_data / "gsm8k_train.jsonl"))
+def gsm8k(fixture_data):
+    return GSM8K(str(fixture_data / "gsm8k_train.jsonl"))
 
 
 def rejoin(parts):
@@ -36,10 +40,9 @@ def rejoin(parts):
     return "".join(out)
 
 
-def test_gsm8k_parts_rebuild_the_answer(gsm8k, shared_data):
-    raw = read_jsonl(shared_data / "gsm8k_train.jsonl")
-    assert len(gsm8k) == len(raw) == 7473
-    for i in random.Random(5).sample(range(len(raw)), 200):
+def check_gsm8k(gsm8k, raw, sample):
+    assert len(gsm8k) == len(raw)
+    for i in random.Random(5).sample(range(len(raw)), min(sample, len(raw))):
         conv = gsm8k[i]
         user, assistant = conv["messages"]
         assert user == {"role": "user", "content": raw[i]["question"]}
@@ -52,6 +55,12 @@ def test_gsm8k_parts_rebuild_the_answer(gsm8k, shared_data):
                 assert kinds[k + 1] == "python_output"
         assert parts[-1]["type"] == "text" and "####" in parts[-1]["text"]
         normalize_conversation(conv)
+
+
+def test_gsm8k_parts_rebuild_the_answer(gsm8k, fixture_data):
+    raw = read_jsonl(fixture_data / "gsm8k_train.jsonl")
+    assert len(raw) == 40
+    check_gsm8k(gsm8k, raw, 40)
 
 
 def test_gsm8k_first_example(gsm8k):
@@ -76,11 +85,9 @@ def test_gsm8k_evaluate(gsm8k):
     assert extract_answer("#### 1,234") == "1234" and extract_answer("#### -5.") == "-5"
 
 
-def test_arc_multiple_choice(shared_data):
-    raw = read_jsonl(shared_data / "arc_easy_test.jsonl")
-    task = ARC(str(shared_data / "arc_easy_test.jsonl"))
-    assert task.eval_type == "categorical" and len(task) == len(raw) == 2376
-    for i in (0, 1, 999, 2375):
+def check_arc(task, raw):
+    assert task.eval_type == "categorical" and len(task) == len(raw)
+    for i in (0, 1, len(raw) // 2, len(raw) - 1):
         conv, row = task[i], raw[i]
         labels, texts = row["choices"]["label"], row["choices"]["text"]
         assert conv["letters"] == labels
@@ -95,15 +102,16 @@ def test_arc_multiple_choice(shared_data):
         assert not task.evaluate(conv, wrong) and not task.evaluate(conv, "Z")
 
 
-def test_arc_challenge_kind(shared_data):
-    task = load_task(f"arc-challenge:{shared_data / 'arc_easy_test.jsonl'}")
+def test_arc_multiple_choice(fixture_data):
+    check_arc(ARC(str(fixture_data / "arc_easy_test.jsonl")), read_jsonl(fixture_data / "arc_easy_test.jsonl"))
+
+
+def test_arc_challenge_kind(fixture_data):
+    task = load_task(f"arc-challenge:{fixture_data / 'arc_easy_test.jsonl'}")
     assert task.kind == "arc-challenge" and task.name.startswith("arc-challenge:")
 
 
-@pytest.mark.parametrize("name", ["mmlu_dev.jsonl", "mmlu_validation.jsonl"])
-def test_mmlu_multiple_choice(shared_data, name):
-    raw = read_jsonl(shared_data / name)
-    task = MMLU(str(shared_data / name))
+def check_mmlu(task, raw):
     assert len(task) == len(raw)
     answers = {task[i]["messages"][1]["content"] for i in range(len(task))}
     assert answers == {"A", "B", "C", "D"}
@@ -116,17 +124,23 @@ def test_mmlu_multiple_choice(shared_data, name):
         assert not task.evaluate(conv, "ABCD"[(row["answer"] + 1) % 4])
 
 
+@pytest.mark.parametrize("name", ["mmlu_dev.jsonl", "mmlu_validation.jsonl"])
+def test_mmlu_multiple_choice(fixture_data, name):
+    check_mmlu(MMLU(str(fixture_data / name)), read_jsonl(fixture_data / name))
+
+
 def test_render_multiple_choice_layout():
     text = render_multiple_choice("Which?", ["A", "B"], ["one", "two"])
     assert text == ("Multiple Choice question: Which?\n- one=A\n- two=B\n\n"
                     "Respond only with the letter of the correct answer.")
 
 
-def test_humaneval_fields_and_program(shared_data):
-    raw = read_jsonl(shared_data / "humaneval.jsonl.gz")
-    task = HumanEval(str(shared_data / "humaneval.jsonl.gz"))
-    assert task.eval_type == "generative" and len(task) == len(raw) == 164
-    for i in (0, 2, 53):
+def test_humaneval_fields_and_program(fixture_data):
+    raw = read_jsonl(fixture_data / "humaneval.jsonl.gz")
+    task = HumanEval(str(fixture_data / "humaneval.jsonl.gz"))
+    assert task.eval_type == "generative" and len(task) == len(raw) == 13
+    assert raw[12]["task_id"] == "HumanEval/53"
+    for i in (0, 2, 12):
         conv, row = task[i], raw[i]
         assert conv["task_id"] == row["task_id"] and conv["entry_point"] == row["entry_point"]
         assert conv["test"] == row["test"]
@@ -139,3 +153,18 @@ def test_humaneval_fields_and_program(shared_data):
         with pytest.raises(AssertionError):
             exec(build_program(conv, broken), {})
     assert task.evaluate(task[0], "pass") is False  # runs in the sandbox now (tests/test_eval.py)
+
+
+def test_whole_shared_files(shared_data):
+    # The large external check: every row of the full data sets maps (the fixtures hold only their first rows).
+    gsm8k_raw = read_jsonl(shared_data / "gsm8k_train.jsonl")
+    assert len(gsm8k_raw) == 7473
+    check_gsm8k(GSM8K(str(shared_data / "gsm8k_train.jsonl")), gsm8k_raw, 200)
+    arc_raw = read_jsonl(shared_data / "arc_easy_test.jsonl")
+    assert len(arc_raw) == 2376
+    check_arc(ARC(str(shared_data / "arc_easy_test.jsonl")), arc_raw)
+    for name, rows in (("mmlu_dev.jsonl", 285), ("mmlu_validation.jsonl", 1531)):
+        raw = read_jsonl(shared_data / name)
+        assert len(raw) == rows
+        check_mmlu(MMLU(str(shared_data / name)), raw)
+    assert len(HumanEval(str(shared_data / "humaneval.jsonl.gz"))) == 164

@@ -95,6 +95,9 @@ class RowTask(Task):
         self.records = records
         self.skipped.update(records.skipped)
         if len(records.rows) == 0:
+            if self.skipped:  # every line was bad before a row could be read
+                raise DataError(f"{self.name}: empty dataset: all {sum(self.skipped.values())} lines were skipped\n"
+                                + self.skip_summary())
             raise DataError(f"{self.name}: empty dataset (no rows)")
         self.check_layout([self.renamed(records.rows[i]) for i in range(min(100, len(records.rows)))])
         self._kept = self._validate(records)
