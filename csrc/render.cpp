@@ -80,14 +80,24 @@ py::tuple flatten_token_lists(const py::object& lists) {
   Owned<int32_t> tokens(capacity);
   int64_t count = 0;
   offsets[0] = 0;
+  // Room for `extra` more tokens after the `count` read so far (a list may grow while it is read).
+  auto reserve = [&](int64_t extra) {
+    if (count + extra <= tokens.size()) return;
+    Owned<int32_t> larger(std::max(count + extra, 2 * tokens.size()));
+    if (count > 0) std::memcpy(larger.data(), tokens.data(), static_cast<size_t>(count) * sizeof(int32_t));
+    tokens = std::move(larger);
+  };
   for (Py_ssize_t s = 0; s < num_spans; ++s) {
     PyObject* seq = inner[s].ptr();
-    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq); ++j) {  // re-read: __index__ may resize it
-      PyObject* item = PySequence_Fast_GET_ITEM(seq, j);
+    // Size and items are valid until Python code runs; only the slow path below runs any, and re-reads them.
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    reserve(len);
+    for (Py_ssize_t j = 0; j < len; ++j) {
       long v;
-      if (!read_compact_int(item, &v)) {  // the slow path may run Python code
-        py::object held = py::reinterpret_borrow<py::object>(item);
-        v = PyLong_AsLong(item);
+      if (!read_compact_int(items[j], &v)) {
+        py::object held = py::reinterpret_borrow<py::object>(items[j]);  // __index__ may drop the list's reference
+        v = PyLong_AsLong(held.ptr());
         if (v == -1 && PyErr_Occurred()) {
           const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
           const bool type = PyErr_ExceptionMatches(PyExc_TypeError);
@@ -97,15 +107,13 @@ py::tuple flatten_token_lists(const py::object& lists) {
           if (overflow) throw py::value_error(at + " holds a token id outside [0, 2^31)");
           throw py::type_error(at + " holds a " + Py_TYPE(held.ptr())->tp_name + ", not an int token id");
         }
+        len = PySequence_Fast_GET_SIZE(seq);  // Python code ran: the list may have changed
+        items = PySequence_Fast_ITEMS(seq);
+        reserve(std::max<Py_ssize_t>(len - j, 1));
       }
       if (v < 0 || v > INT32_MAX) {
         throw py::value_error(std::string(fn) + ": span " + std::to_string(s) + " position " + std::to_string(j) +
                               " holds token id " + std::to_string(v) + ", outside [0, 2^31)");
-      }
-      if (count == tokens.size()) {  // a list grew while being read: move to a larger buffer
-        Owned<int32_t> larger(2 * count + 16);
-        if (count > 0) std::memcpy(larger.data(), tokens.data(), static_cast<size_t>(count) * sizeof(int32_t));
-        tokens = std::move(larger);
       }
       tokens.data()[count++] = static_cast<int32_t>(v);
     }
@@ -136,11 +144,13 @@ py::tuple render_assemble(const py::array& tokens_arr, const py::array& span_off
   }
   check_offsets(span_offsets.data(), num_spans + 1, tokens.size(), fn, "span_offsets");
   check_offsets(conv_ops.data(), n + 1, num_ops, fn, "conv_ops");
-  for (int64_t t = 0; t < tokens.size(); ++t) {
-    if (tokens[t] < 0) {
-      throw py::value_error("render_assemble: tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[t]) +
-                            " is not a token id (ids are >= 0)");
-    }
+  uint32_t token_bits = 0;  // an OR of the sign bits vectorizes (see check_ids_and_mask); positions on bad input only
+  for (int64_t t = 0; t < tokens.size(); ++t) token_bits |= static_cast<uint32_t>(tokens[t]);
+  if (token_bits >> 31) {
+    const int64_t t = std::find_if(tokens.data(), tokens.data() + tokens.size(), [](int32_t v) { return v < 0; }) -
+                      tokens.data();
+    throw py::value_error("render_assemble: tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[t]) +
+                          " is not a token id (ids are >= 0)");
   }
   int64_t span_ops = 0;
   for (int64_t k = 0; k < num_ops; ++k) {

@@ -211,6 +211,10 @@ def _as_flat(rendered, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 f"{where}: RenderedBatch needs ids int32, mask uint8, offsets int64; got "
                 f"{ids.dtype}, {mask.dtype}, {offsets.dtype}"
             )
+        if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids)
+                or len(mask) != len(ids) or (np.diff(offsets) < 0).any()):
+            raise ValueError(f"{where}: RenderedBatch offsets must rise from 0 to len(ids) = {len(ids)} "
+                             f"(= len(mask) = {len(mask)}), got {offsets[:8].tolist()}...")
         return np.ascontiguousarray(ids), np.ascontiguousarray(mask), np.ascontiguousarray(offsets)
     if not isinstance(rendered, Sequence):
         raise TypeError(f"{where}: rendered must be a RenderedBatch or a sequence of (ids, mask) pairs, "
@@ -262,17 +266,6 @@ def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs):
     return seq_len, num_rows, pad_id, max_seqs
 
 
-def _check_segments(where, num_segments, rows, seq_len, max_seqs):
-    if max_seqs is None:
-        max_seqs = default_max_seqs(rows, seq_len)
-    if num_segments > max_seqs:
-        raise ValueError(
-            f"{where}: the packing into {rows} rows needs {num_segments} cu_seqlens segments (conversations + "
-            f"padded row tails) but max_seqs={max_seqs}; pass a larger max_seqs"
-        )
-    return max_seqs
-
-
 def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
               max_seqs: int | None = None) -> PackedBatch:
     """Pack rendered conversations (RenderedBatch or (ids, mask) pairs) into rows of seq_len tokens, in C++.
@@ -281,13 +274,14 @@ def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int =
     nanochat uses BOS). See the module docstring for the algorithm and the layout.
     """
     ids, mask, offsets = _as_flat(rendered, "pack_rows")
-    _C.check_rendered(ids, mask, offsets)  # the values, as pack_fill checks them, before the placement's errors
     lengths = np.diff(offsets)
     seq_len, num_rows, pad_id, max_seqs = _check_pack_args("pack_rows", lengths, seq_len, num_rows, pad_id, max_seqs)
     row, offset, placed, rows, num_segments = _C.pack_place(
         lengths, seq_len, -1 if num_rows is None else num_rows, -1 if max_seqs is None else max_seqs
     )
-    max_seqs = _check_segments("pack_rows", num_segments, rows, seq_len, max_seqs)
+    if max_seqs is None:
+        max_seqs = default_max_seqs(rows, seq_len)
+    # pack_fill checks the values (ids, mask) first and the segment budget last, for every caller alike.
     input_ids, targets, position_ids, cu_seqlens, num_supervised, num_tokens, num_seqs = _C.pack_fill(
         ids, mask, offsets, row, offset, placed, rows, seq_len, pad_id, max_seqs
     )

@@ -329,7 +329,7 @@ def test_pack_fill_rejects_wrong_arrays_and_bad_placements():
     bad[5] = np.array([4, 5])  # longer than the conversation
     with pytest.raises(ValueError, match="placement of conversation 1"):
         _C.pack_fill(*bad, 1, 8, 0, 3)
-    with pytest.raises(ValueError, match="3 segments .* max_seqs=2"):
+    with pytest.raises(ValueError, match="needs 3 cu_seqlens segments .* max_seqs=2"):
         _C.pack_fill(*args, 1, 8, 0, 2)
     with pytest.raises(TypeError, match="'lengths' must be a 1-D C-contiguous int64"):
         _C.pack_place(np.array([3, 4], dtype=np.int32), 8, -1, -1)
