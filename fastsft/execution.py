@@ -222,6 +222,19 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _process_count(uid: int) -> int:
+    """Processes (and threads, which RLIMIT_NPROC counts too) of `uid`, from /proc."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.stat(entry.path).st_uid == uid:
+                    count += len(os.listdir(f"{entry.path}/task"))
+            except OSError:
+                continue
+    return count
+
+
 def _kill_everything(proc: subprocess.Popen, workdir: str) -> None:
     """SIGKILL the process group, then any process still running from the work dir (one that called setsid when
     there is no PID namespace to take it down)."""
@@ -303,7 +316,11 @@ def run_program(code: str, timeout_s: float = 10.0, memory_mb: int = 512, *,
     else:
         missing.append(f"namespaces: {why_not}")
 
-    config = dict(memory_bytes=memory_mb << 20, cpu_s=math.ceil(timeout_s) + 1, nproc=max_processes,
+    nproc = max_processes
+    if why_not is not None and not demote:
+        # Without a user namespace RLIMIT_NPROC counts every process of our uid on the machine, not the program's.
+        nproc += _process_count(os.getuid())
+    config = dict(memory_bytes=memory_mb << 20, cpu_s=math.ceil(timeout_s) + 1, nproc=nproc,
                   fsize=MAX_OUTPUT_BYTES, workdir=workdir, program=program, python=python,
                   read_paths=_read_paths())
     report_read, report_write = os.pipe()

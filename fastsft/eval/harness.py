@@ -110,6 +110,10 @@ def evaluate_model(model, tokenizer, tasks, *, max_problems=None, max_new_tokens
     if max_problems is not None and max_problems < 1:
         raise ValueError(f"evaluate_model: max_problems must be None or >= 1, got {max_problems}")
     tasks = resolve_tasks(tasks)
+    # The eager module under DDP / torch.compile wrappers: ranks run different numbers of forwards here (no DDP
+    # buffer sync may wait for the others), and prompt shapes change every call (a compiled graph would recompile).
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world = _rank_world()
     engine = Engine(model, tokenizer)
