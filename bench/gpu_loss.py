@@ -33,9 +33,10 @@ import triton.testing
 # By module path: the package re-exports a function of the same name, which `import ... as` may resolve to.
 lce_mod = importlib.import_module("fastsft.kernels.linear_cross_entropy")
 grad_tile_mod = importlib.import_module("fastsft.kernels._grad_tile")
+from fastsft.kernels._grad_tile import GradTileLaunch
 from fastsft.kernels._scatter_rows import scatter_rows_home
 from fastsft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
-from fastsft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from fastsft.kernels.linear_cross_entropy import LCETuning, linear_cross_entropy, linear_cross_entropy_reference
 
 GiB = 2**30
 # do_bench's time budget per measurement: ~10 runs of a 30 ms call (runs of the same code differed by up to 40%
@@ -49,21 +50,30 @@ LCE_SHAPES = [  # (N, H, V, fraction of targets ignored)
 
 
 LAYOUTS = ("low_memory", "fast")
-# Module knobs tried besides the defaults, per LCE shape (one dict of overrides per variant); layout "low_memory"
-# then "fast". TAIL_COLS trades the split chunks' accumulator (4 * H bytes per column) against narrow chunks.
+# Tuning variants tried besides the defaults, per LCE shape (passed as linear_cross_entropy(tuning=...)); layout
+# "low_memory" then "fast". tail_cols trades the split chunks' accumulator (4 * H bytes per column) against narrow
+# chunks.
 SWEEPS = [
-    [dict(TAIL_COLS=8), dict(TAIL_COLS=32), dict(TAIL_COLS=64), dict(VOCAB_CHUNK_BYTES=32 * 2**20)],
-    [dict(TAIL_COLS=8), dict(TAIL_COLS=32), dict(VOCAB_CHUNK_BYTES=32 * 2**20)],
-    [dict(TAIL_COLS=32)],
+    [LCETuning(tail_cols=8), LCETuning(tail_cols=32), LCETuning(tail_cols=64), LCETuning(vocab_chunk_bytes=32 * 2**20)],
+    [LCETuning(tail_cols=8), LCETuning(tail_cols=32), LCETuning(vocab_chunk_bytes=32 * 2**20)],
+    [LCETuning(tail_cols=32)],
 ]
 FAST_SWEEPS = [
-    [dict(FAST_CHUNK_BYTES=128 * 2**20, FAST_MIN_ROWS=1024), dict(FAST_CHUNK_BYTES=512 * 2**20, FAST_MIN_ROWS=4096)],
-    [dict(FAST_MIN_ROWS=1024), dict(FAST_MIN_ROWS=4096)],
+    [LCETuning(fast_chunk_bytes=128 * 2**20, fast_min_rows=1024),
+     LCETuning(fast_chunk_bytes=512 * 2**20, fast_min_rows=4096)],
+    [LCETuning(fast_min_rows=1024), LCETuning(fast_min_rows=4096)],
     [],
 ]
 
 
-PROFILE_KNOBS = [{}, dict(TAIL_COLS=32)]
+PROFILE_TUNINGS = [None, LCETuning(tail_cols=32)]
+
+
+def tuning_fields(tuning):
+    """The set fields of a tuning, for a row (byte sizes in MiB)."""
+    fields = json.loads(tuning.encode() or "{}")
+    return {(k[:-6] + "_MiB" if k.endswith("_bytes") else k): (v // 2**20 if k.endswith("_bytes") else v)
+            for k, v in fields.items()}
 
 
 def log(*args):
@@ -210,29 +220,23 @@ def lce_timings(rows, shape, impls, errors, sweep, fast_sweep):
     rows.append(dict(kind="time", case=case, impl="floor: the two gradients", extra_MiB=round(floor, 3)))
     add("fastsft low_memory (default)", lambda *a: linear_cross_entropy(*a)[0],
         tile_MiB=lce_mod.VOCAB_CHUNK_BYTES / 2**20, min_cols=lce_mod.MIN_VOCAB_CHUNK, tail_cols=lce_mod.TAIL_COLS)
-    lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
-    add(f"fastsft low_memory, pass B tile {'fused' if lce_mod.FUSED_GRAD_TILE else 'by cuBLAS + row kernel'}",
-        lambda *a: linear_cross_entropy(*a)[0])
-    lce_mod.FUSED_GRAD_TILE = not lce_mod.FUSED_GRAD_TILE
+    other_tile = LCETuning(fused_grad_tile=not lce_mod.FUSED_GRAD_TILE)
+    add(f"fastsft low_memory, pass B tile {'fused' if other_tile.fused_grad_tile else 'by cuBLAS + row kernel'}",
+        lambda *a: linear_cross_entropy(*a, tuning=other_tile)[0])
     add("fastsft fast (row chunks, fp32 dW acc)", lambda *a: linear_cross_entropy(*a, layout="fast")[0],
         chunk_MiB=lce_mod.FAST_CHUNK_BYTES / 2**20, min_rows=lce_mod.FAST_MIN_ROWS)
-    lce_mod.GRAD_IN_BACKWARD = True
-    add("fastsft low_memory, GRAD_IN_BACKWARD (5 matmuls)", lambda *a: linear_cross_entropy(*a)[0])
-    lce_mod.GRAD_IN_BACKWARD = False
+    add("fastsft low_memory, grad_in_backward (5 matmuls)",
+        lambda *a: linear_cross_entropy(*a, tuning=LCETuning(grad_in_backward=True))[0])
     add("torch.compile bf16 matmul + fp32 CE", compiled_bf16)
     for name, fn in impls.items():
         add(name, fn)
     for name, err in errors.items():
         rows.append(dict(kind="time", case=case, impl=name, error=err))
     for layout, variants in (("low_memory", sweep or []), ("fast", fast_sweep or [])):
-        for knobs in variants:
-            default = {k: getattr(lce_mod, k) for k in knobs}
-            for k, val in knobs.items():
-                setattr(lce_mod, k, val)
-            add(f"fastsft {layout} sweep", lambda *a, lay=layout: linear_cross_entropy(*a, layout=lay)[0],
-                **{k.lower(): (val // 2**20 if k.endswith("BYTES") else val) for k, val in knobs.items()})
-            for k, val in default.items():
-                setattr(lce_mod, k, val)
+        for tuning in variants:
+            add(f"fastsft {layout} sweep",
+                lambda *a, lay=layout, tun=tuning: linear_cross_entropy(*a, layout=lay, tuning=tun)[0],
+                **tuning_fields(tuning))
     del hidden, weight, targets
     torch.cuda.empty_cache()
 
@@ -274,19 +278,15 @@ def lce_breakdown(rows, shape):
                                                              compute_lse=False), b_chunks, 0),
         "B: mm dW slice": (lambda: torch.mm(tile.t(), hg, out=dw_c), b_chunks, m * cols * h),
     }
-    import fastsft.kernels._ce_rows as ce_rows_mod
-
     # the fused tile against the two launches it replaces, and its launch shapes (tile error vs the unfused path)
     ref_tile = torch.empty_like(tile)
     torch.mm(hg, weight[:cols].t(), out=ref_tile)
     ce_rows(ref_tile, tg, lse, None, grad_out=ref_tile, grad_scale=one, compute_lse=False)
-    knobs = ("MAX_BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BLOCK_M", "BLOCK_K")
-    default_tile = {k: getattr(grad_tile_mod, k) for k in knobs}
-    for cfg in [{}, dict(MAX_BLOCK_N=256, NUM_WARPS=8), dict(NUM_STAGES=4), dict(BLOCK_K=128, NUM_STAGES=2)]:
-        for k, val in cfg.items():
-            setattr(grad_tile_mod, k, val)
+    for cfg in [{}, dict(max_block_n=256, num_warps=8), dict(num_stages=4), dict(block_k=128, num_stages=2)]:
+        launch = GradTileLaunch(**cfg)
         try:
-            fused = lambda: grad_tile_mod.grad_tile(hg, weight, 0, cols, tg, lse, one, tile)
+            fused = lambda launch=launch: grad_tile_mod.grad_tile(hg, weight, 0, cols, tg, lse, one, tile,
+                                                                  launch=launch)
             fused()
             err = rel(tile, ref_tile)
             ms = triton.testing.do_bench(fused, warmup=10, rep=100, return_mode="median")
@@ -296,13 +296,10 @@ def lce_breakdown(rows, shape):
         except Exception as e:
             rows.append(dict(kind="breakdown", case="fused grad tile", impl=str(cfg), error=repr(e)[:160]))
         log(rows[-1])
-        for k, val in default_tile.items():
-            setattr(grad_tile_mod, k, val)
-    default_warps = ce_rows_mod.NARROW_ROW_NUM_WARPS
     for warps in (2, 4, 8):
         parts[f"B: row kernel, {warps} warps"] = (
-            lambda w=warps: (setattr(ce_rows_mod, "NARROW_ROW_NUM_WARPS", w),
-                             ce_rows(tile, tg, lse, None, grad_out=tile, grad_scale=one, compute_lse=False)),
+            lambda w=warps: ce_rows(tile, tg, lse, None, grad_out=tile, grad_scale=one, compute_lse=False,
+                                    num_warps=w),
             b_chunks, 0)
     for name, (fn, count, macs) in parts.items():
         ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -310,7 +307,6 @@ def lce_breakdown(rows, shape):
         rows.append(dict(kind="breakdown", case=f"x{count} chunks", impl=name, ms=round(ms, 4),
                          ms_all_chunks=round(ms * count, 3), **extra))
         log(rows[-1])
-    ce_rows_mod.NARROW_ROW_NUM_WARPS = default_warps
     dh_full = torch.randn_like(hidden)
     whole = {
         "gather rows (nonzero_static + index_select)": lambda: hidden.index_select(
@@ -327,17 +323,14 @@ def lce_breakdown(rows, shape):
         log(rows[-1])
 
 
-def lce_profile(rows, shape, knobs, top=6):
+def lce_profile(rows, shape, tuning, top=6):
     """torch.profiler over one forward+backward of the default layout: wall time, summed GPU kernel time, and the
     kernels that take it (by name, with counts). Shows whether narrow chunks are host-bound or slow in cuBLAS."""
     from torch.profiler import ProfilerActivity, profile
 
     n, h, v, ignored = shape
     hidden, weight, targets = make_lce_inputs(n, h, v, ignored)
-    default = {k: getattr(lce_mod, k) for k in knobs}
-    for k, val in knobs.items():
-        setattr(lce_mod, k, val)
-    step = fwd_bwd(lambda: linear_cross_entropy(hidden, weight, targets)[0], hidden, weight)
+    step = fwd_bwd(lambda: linear_cross_entropy(hidden, weight, targets, tuning=tuning)[0], hidden, weight)
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -345,11 +338,9 @@ def lce_profile(rows, shape, knobs, top=6):
         step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    for k, val in default.items():
-        setattr(lce_mod, k, val)
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu = sum(e.self_device_time_total for e in kernels) / 1e3
-    case = f"profile N={n} H={h} V={v} ign={ignored} {knobs or 'defaults'}"
+    case = f"profile N={n} H={h} V={v} ign={ignored} {tuning_fields(tuning) if tuning else 'defaults'}"
     rows.append(dict(kind="profile", case=case, impl="whole call", ms=round(wall, 2), gpu_ms=round(gpu, 2)))
     log(rows[-1])
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
@@ -498,8 +489,8 @@ def main(quick=False, parts=("lce_check", "lce_time", "breakdown", "ce")):
         lce_host_costs(rows, LCE_SHAPES[0])
     if "profile" in parts:
         for shape in LCE_SHAPES:
-            for knobs in PROFILE_KNOBS:
-                lce_profile(rows, shape, knobs)
+            for tuning in PROFILE_TUNINGS:
+                lce_profile(rows, shape, tuning)
     if "ce" in parts:
         ce_bench(rows)
         lm_head_ce(rows)

@@ -116,7 +116,7 @@ def _ce_rows_kernel(
 
 
 def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_scale=None, compute_lse=True,
-            col_offset=0, row_index=None):
+            col_offset=0, row_index=None, num_warps=None):
     """Launch the row kernel over `logits` (rows, V), rows contiguous along V.
 
     targets: (rows,), or any length with row_index (rows,) giving row i's position in it (targets[row_index[i]]),
@@ -125,6 +125,8 @@ def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_sca
     compute_lse: write `lse` and `loss` (rows,) fp32; else read `lse`. grad_out: when given, write
     (softmax - onehot) * softcap' * grad_scale into it (it may be `logits` itself). col_offset: `logits` holds the
     vocabulary columns [col_offset, col_offset + V) of the full logits (gradient only: lse comes from a full pass).
+    num_warps: None for the measured defaults (ROW_NUM_WARPS for wide rows, NARROW_ROW_NUM_WARPS for narrow ones);
+    benchmarks pass others here.
     """
     rows, vocab = logits.shape
     if rows == 0:
@@ -144,7 +146,7 @@ def ce_rows(logits, targets, lse, loss, *, softcap=None, grad_out=None, grad_sca
         grad_scale if write_grad else dummy, vocab, int(col_offset), float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, HAS_INDEX=row_index is not None, COMPUTE_LSE=compute_lse,
         WRITE_GRAD=write_grad, BLOCK_V=block_v,
-        num_warps=ROW_NUM_WARPS if block_v >= ROW_BLOCK_V else NARROW_ROW_NUM_WARPS,
+        num_warps=num_warps or (ROW_NUM_WARPS if block_v >= ROW_BLOCK_V else NARROW_ROW_NUM_WARPS),
     )
 
 

@@ -10,6 +10,8 @@ The logits are rounded to the input dtype before the epilogue, as the cuBLAS pat
 the numerics of the row kernel (kernels/_ce_rows.py): the same softcap, the same rule for ignored rows (gradient 0).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -21,11 +23,19 @@ from ._multi_tensor import interpreter_enabled
 # H200, triton 3.6, tile 16384 x 512 x 1024 (bench/RESULTS.md): 0.047 ms (366 TFLOP/s) against 0.044 for cuBLAS's
 # matmul (569 TFLOP/s) + the row kernel; 8 warps with BLOCK_N 256 the same. Operands through host-made TMA
 # descriptors ran the tile in 0.040 ms but cost ~50 us more host time per launch, which the host-bound pass B pays.
-BLOCK_M = 128
-BLOCK_K = 64
-MAX_BLOCK_N = 128
-NUM_WARPS = 4
-NUM_STAGES = 3
+@dataclass(frozen=True)
+class GradTileLaunch:
+    """The GPU launch shape of grad_tile; the default is the measured best above. Benchmarks pass variants to
+    grad_tile(launch=...) instead of changing module state."""
+
+    block_m: int = 128
+    block_k: int = 64
+    max_block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_LAUNCH = GradTileLaunch()
 # Under the interpreter: small tiles so tests cover partial tiles and the K loop.
 INTERPRETED_BLOCKS = (16, 16, 16)
 
@@ -94,11 +104,13 @@ def _grad_tile_kernel(
                    v0, softcap, HAS_SOFTCAP, HAS_INDEX)
 
 
-def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None, row_index=None):
+def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None, row_index=None,
+              launch: GradTileLaunch = DEFAULT_LAUNCH):
     """out (M, v1 - v0) = dCE/dlogits of logits h @ weight[v0:v1]^T for rows with log-sum-exp `lse` (M,) fp32.
 
     h (M, K) and weight (V, K) with unit column stride; targets (M,), or any length with row_index (M,) giving row
     i's position in it; grad_scale () fp32 on the device; out may be any (M, v1 - v0) view with unit column stride.
+    launch: the GPU tile shape (the interpreter always uses its small INTERPRETED_BLOCKS).
     """
     m, k = h.shape
     width = v1 - v0
@@ -111,9 +123,9 @@ def grad_tile(h, weight, v0, v1, targets, lse, grad_scale, out, *, softcap=None,
         block_m, block_n, block_k = INTERPRETED_BLOCKS
         warps, stages = 4, 1
     else:
-        block_m, block_k = BLOCK_M, BLOCK_K
-        block_n = min(MAX_BLOCK_N, max(16, triton.next_power_of_2(width)))
-        warps, stages = NUM_WARPS, NUM_STAGES
+        block_m, block_k = launch.block_m, launch.block_k
+        block_n = min(launch.max_block_n, max(16, triton.next_power_of_2(width)))
+        warps, stages = launch.num_warps, launch.num_stages
     grid = (triton.cdiv(m, block_m) * triton.cdiv(width, block_n),)
     _grad_tile_kernel[grid](
         h, h.stride(0), weight, weight.stride(0), out, out.stride(0),

@@ -53,13 +53,15 @@ Where Triton cannot run (a CPU tensor without TRITON_INTERPRET=1), the op comput
 PyTorch reference math (full fp32 logits), so CPU-only training and tools work without a GPU.
 """
 
+import dataclasses
+import json
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ._ce_rows import ce_rows, check_softcap
-from ._grad_tile import grad_tile
+from ._grad_tile import DEFAULT_LAUNCH, GradTileLaunch, grad_tile
 from ._multi_tensor import runs_triton
 from .paths import REFERENCE, TRITON, record
 from ._scatter_rows import scatter_rows_home
@@ -102,6 +104,50 @@ FAST_CHUNK_BYTES = 256 * 2**20
 FAST_MIN_ROWS = 2048
 
 
+@dataclasses.dataclass(frozen=True)
+class LCETuning:
+    """A variant of the op's tuning, passed as linear_cross_entropy(tuning=...): each field None means the module
+    constant above (read at call time, so the constants stay the one place defaults are set). Benchmarks select
+    variants this way, never by changing module state; grad_tile_launch is pass B's fused tile shape."""
+
+    vocab_chunk_bytes: Optional[int] = None
+    min_vocab_chunk: Optional[int] = None
+    tail_cols: Optional[int] = None
+    fused_grad_tile: Optional[bool] = None
+    max_row_chunk: Optional[int] = None
+    grad_in_backward: Optional[bool] = None
+    fast_chunk_bytes: Optional[int] = None
+    fast_min_rows: Optional[int] = None
+    grad_tile_launch: Optional[GradTileLaunch] = None
+
+    def encode(self) -> str:
+        """The set fields as JSON: the custom ops take it as a string argument (an object cannot cross them)."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                fields[f.name] = dataclasses.asdict(value) if isinstance(value, GradTileLaunch) else value
+        return json.dumps(fields, sort_keys=True) if fields else ""
+
+
+_DECODED: dict = {"": LCETuning()}
+
+
+def _decode(encoded: str) -> LCETuning:
+    if encoded not in _DECODED:
+        fields = json.loads(encoded)
+        if "grad_tile_launch" in fields:
+            fields["grad_tile_launch"] = GradTileLaunch(**fields["grad_tile_launch"])
+        _DECODED[encoded] = LCETuning(**fields)
+    return _DECODED[encoded]
+
+
+def _knob(tuning: Optional[LCETuning], name: str):
+    """The tuning's value of a knob, else the module constant of that name (upper case)."""
+    value = getattr(tuning, name) if tuning is not None else None
+    return globals()[name.upper()] if value is None else value
+
+
 def linear_cross_entropy_reference(hidden, weight, targets, softcap=None):
     """fp32 PyTorch reference: (sum of token losses over targets != -1, count of those targets)."""
     logits = hidden.float() @ weight.float().T  # (N, V)
@@ -136,28 +182,32 @@ def _round_down_128(n):
     return n - n % 128 if n >= 128 else n
 
 
-def rows_per_chunk(n_rows, vocab, hidden_size):
+def rows_per_chunk(n_rows, vocab, hidden_size, tuning=None):
     """Pass A's rows per chunk: as many as a (vocab, hidden_size) buffer holds (hidden_size rows), a multiple of 128
     when that large, capped by MAX_ROW_CHUNK and n_rows."""
     rows = _round_down_128(max(1, hidden_size))
-    if MAX_ROW_CHUNK is not None:
-        rows = min(rows, MAX_ROW_CHUNK)
+    max_rows = _knob(tuning, "max_row_chunk")
+    if max_rows is not None:
+        rows = min(rows, max_rows)
     return max(1, min(rows, n_rows))
 
 
-def fast_rows_per_chunk(n_rows, vocab, dtype):
+def fast_rows_per_chunk(n_rows, vocab, dtype, tuning=None):
     """layout="fast": rows per chunk, FAST_CHUNK_BYTES of (rows, vocab) logits but >= FAST_MIN_ROWS, capped by
     MAX_ROW_CHUNK and n_rows."""
-    rows = max(FAST_CHUNK_BYTES // max(1, vocab * torch.empty((), dtype=dtype).element_size()), FAST_MIN_ROWS)
-    if MAX_ROW_CHUNK is not None:
-        rows = min(rows, MAX_ROW_CHUNK)
+    rows = max(_knob(tuning, "fast_chunk_bytes") // max(1, vocab * torch.empty((), dtype=dtype).element_size()),
+               _knob(tuning, "fast_min_rows"))
+    max_rows = _knob(tuning, "max_row_chunk")
+    if max_rows is not None:
+        rows = min(rows, max_rows)
     return max(1, min(rows, n_rows))
 
 
-def vocab_per_chunk(n_rows, vocab, dtype):
+def vocab_per_chunk(n_rows, vocab, dtype, tuning=None):
     """Pass B's vocabulary columns per chunk: VOCAB_CHUNK_BYTES of (n_rows, cols) logits, >= MIN_VOCAB_CHUNK, a
     multiple of 256 when that large."""
-    cols = max(VOCAB_CHUNK_BYTES // max(1, n_rows * torch.empty((), dtype=dtype).element_size()), MIN_VOCAB_CHUNK)
+    cols = max(_knob(tuning, "vocab_chunk_bytes") // max(1, n_rows * torch.empty((), dtype=dtype).element_size()),
+               _knob(tuning, "min_vocab_chunk"))
     if cols >= 256:
         cols -= cols % 256
     return max(1, min(vocab, cols))
@@ -171,7 +221,7 @@ def _round_width(width, cols):
     return width
 
 
-def vocab_chunks(n_rows, vocab, hidden_size, dtype, spare=0):
+def vocab_chunks(n_rows, vocab, hidden_size, dtype, spare=0, tuning=None):
     """Pass B's walk over the vocabulary: [(v0, v1, place)], in order, covering [0, vocab). Each chunk's
     (n_rows, v1 - v0) logits tile lives in memory the op already holds, by `place`:
 
@@ -187,8 +237,8 @@ def vocab_chunks(n_rows, vocab, hidden_size, dtype, spare=0):
     unwritten end (own rows included), summed in a small fp32 (TAIL_COLS, hidden_size) accumulator that is cast
     into dW[v0:v1] after the last block.
     """
-    cols = vocab_per_chunk(n_rows, vocab, dtype)
-    tail = max(1, min(cols, TAIL_COLS))
+    cols = vocab_per_chunk(n_rows, vocab, dtype, tuning)
+    tail = max(1, min(cols, _knob(tuning, "tail_cols")))
     in_spare = _round_width(min(cols, spare // max(1, n_rows)), cols)
     chunks, v0 = [], 0
     while v0 < vocab:
@@ -247,7 +297,7 @@ def _row_block(h, lse, targets, rows, r0, r1):
     return h[r0:r1], lse[r0:r1], targets, rows[r0:r1]
 
 
-def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory"):
+def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory", tuning=None):
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -257,7 +307,7 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
     # Outputs first: they are the workspace (module docstring). Gradients of nothing supervised are zeros.
     # Layout "fast" with a low-precision weight: dW is cast from its fp32 accumulator, and exists early only when
     # it can hold the logits chunk meanwhile; otherwise it is made after the chunk buffer is freed (lower peak).
-    fast_chunk = fast_rows_per_chunk(n_sup, vocab, hidden.dtype) if fast and n_sup else 0
+    fast_chunk = fast_rows_per_chunk(n_sup, vocab, hidden.dtype, tuning) if fast and n_sup else 0
     acc_separate = fast and need_dw and n_sup > 0 and weight.dtype != torch.float32
     dw_late = acc_separate and fast_chunk > hidden_size
     alloc = torch.empty if n_sup else torch.zeros
@@ -290,7 +340,7 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
             if need_dw:  # (V, H) fp32; an fp32 weight accumulates in its own dW output
                 acc = torch.empty(weight.shape, dtype=torch.float32, device=device) if acc_separate else dw
         else:
-            chunk = rows_per_chunk(n_sup, vocab, hidden_size)
+            chunk = rows_per_chunk(n_sup, vocab, hidden_size, tuning)
             if need_dw:
                 buf = dw.view(-1)[: chunk * vocab].view(chunk, vocab)  # (C, V) borrowed: pass B overwrites it
             else:
@@ -319,14 +369,16 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
         # logits tile lives in dh's spare rows or the unwritten end of dW (vocab_chunks); the last narrow chunks go
         # in row blocks.
         if need_dw and not fast:
-            schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype, 0 if spare is None else spare.numel())
+            schedule = vocab_chunks(n_sup, vocab, hidden_size, hidden.dtype, 0 if spare is None else spare.numel(),
+                                    tuning)
             tail_cols = max((v1 - v0 for v0, v1, place in schedule if place == "split"), default=0)
             tail_acc = (torch.empty(tail_cols, hidden_size, dtype=torch.float32, device=device) if tail_cols
                         else None)  # (TAIL_COLS, H)
             dw_flat = dw.view(-1)
             weight_t = weight.t()  # (H, V)
             # fp32 inputs keep cuBLAS: the Triton matmul would be a plain fp32 one on CUDA cores (no tf32), slower
-            fused = FUSED_GRAD_TILE and hidden.dtype != torch.float32
+            fused = _knob(tuning, "fused_grad_tile") and hidden.dtype != torch.float32
+            launch = (tuning.grad_tile_launch if tuning is not None else None) or DEFAULT_LAUNCH
             for v0, v1, place in schedule:
                 width = v1 - v0
                 split = place == "split"
@@ -340,7 +392,8 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
                     tile = (spare[:size] if place == "spare" else dw_flat[dw_flat.numel() - size:]).view(
                         r1 - r0, width)
                     if fused:
-                        grad_tile(h_b, weight, v0, v1, t, lse_b, one, tile, softcap=softcap, row_index=t_index)
+                        grad_tile(h_b, weight, v0, v1, t, lse_b, one, tile, softcap=softcap, row_index=t_index,
+                                  launch=launch)
                     else:
                         torch.mm(h_b, weight_t[:, v0:v1], out=tile)
                         ce_rows(tile, t, lse_b, None, softcap=softcap, grad_out=tile, grad_scale=one,
@@ -367,20 +420,20 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
 
 @torch.library.custom_op("fastsft::linear_cross_entropy", mutates_args=())
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: Optional[float],
-             need_dh: bool, need_dw: bool,
-             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout)
+             need_dh: bool, need_dw: bool, layout: str,
+             tuning: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout, _decode(tuning))
 
 
 @_forward.register_fake
-def _(hidden, weight, targets, softcap, need_dh, need_dw, layout):
+def _(hidden, weight, targets, softcap, need_dh, need_dw, layout, tuning=""):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64),
             torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else hidden.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, need_dh, need_dw, _ = inputs
+    _, _, _, _, need_dh, need_dw, _, _ = inputs
     _, n, dh, dw = output
     # Kept as plain attributes, not save_for_backward, and handed over in backward: the gradients returned must have
     # no other owner, or autograd's AccumulateGrad clones them into .grad instead of taking them.
@@ -406,7 +459,7 @@ def _backward(ctx, grad_loss, _grad_n, _grad_dh, _grad_dw):
     grad_hidden = dh.mul_(grad_loss).detach() if need_dh else None
     grad_weight = dw.mul_(grad_loss).detach() if need_dw else None
     del dh, dw
-    return grad_hidden, grad_weight, None, None, None, None, None
+    return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
@@ -414,29 +467,29 @@ _forward.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("fastsft::linear_cross_entropy_recompute", mutates_args=())
 def _loss_recompute(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    softcap: Optional[float], layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, n, _, _ = _forward_impl(hidden, weight, targets, softcap, False, False, layout)
+                    softcap: Optional[float], layout: str, tuning: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    loss, n, _, _ = _forward_impl(hidden, weight, targets, softcap, False, False, layout, _decode(tuning))
     return loss, n
 
 
 @_loss_recompute.register_fake
-def _(hidden, weight, targets, softcap, layout):
+def _(hidden, weight, targets, softcap, layout, tuning=""):
     return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64)
 
 
 def _setup_context_recompute(ctx, inputs, output):
-    hidden, weight, targets, softcap, layout = inputs
+    hidden, weight, targets, softcap, layout, tuning = inputs
     ctx.save_for_backward(hidden, weight, targets)
-    ctx.softcap, ctx.layout = softcap, layout
+    ctx.softcap, ctx.layout, ctx.tuning = softcap, layout, tuning
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward_recompute(ctx, grad_loss, _grad_n):
     hidden, weight, targets = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    _, _, dh, dw = _forward(hidden, weight, targets, ctx.softcap, need_dh, need_dw, ctx.layout)
+    _, _, dh, dw = _forward(hidden, weight, targets, ctx.softcap, need_dh, need_dw, ctx.layout, ctx.tuning)
     grad_loss = grad_loss.float()
-    return dh.mul_(grad_loss) if need_dh else None, dw.mul_(grad_loss) if need_dw else None, None, None, None
+    return dh.mul_(grad_loss) if need_dh else None, dw.mul_(grad_loss) if need_dw else None, None, None, None, None
 
 
 _loss_recompute.register_autograd(_backward_recompute, setup_context=_setup_context_recompute)
@@ -453,12 +506,14 @@ def _reference_on_cpu(hidden, weight, targets, softcap):
     return linear_cross_entropy_reference(hidden, weight, targets, softcap)
 
 
-def linear_cross_entropy(hidden, weight, targets, softcap=None, *, layout="low_memory"):
+def linear_cross_entropy(hidden, weight, targets, softcap=None, *, layout="low_memory",
+                         tuning: Optional[LCETuning] = None):
     """Sum of masked token cross-entropies of logits = hidden @ weight^T, and the count of targets != -1.
 
     hidden: (N, H) bf16/fp16/fp32; weight: (V, H) same dtype; targets: (N,) int64, -1 = ignore; softcap: None or
     c > 0, applies c * tanh(x / c) to the logits. layout: "low_memory" (default) or "fast", see the module
     docstring (same results up to rounding; "fast" is ~1.5x quicker and holds an fp32 (V, H) accumulator).
+    tuning: an LCETuning variant of the chunk sizes and passes (benchmarks); None: the module defaults.
     Returns (loss_sum fp32 scalar, n_supervised int64 scalar).
     """
     _check_inputs(hidden, weight, targets, softcap)
@@ -469,7 +524,12 @@ def linear_cross_entropy(hidden, weight, targets, softcap=None, *, layout="low_m
         return _reference_on_cpu(hidden, weight, targets, softcap)
     grad_on = torch.is_grad_enabled()
     need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
-    if GRAD_IN_BACKWARD and (need_dh or need_dw):
-        return _loss_recompute(hidden, weight, targets, softcap, layout)
-    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, need_dh, need_dw, layout)
+    # Traced by dynamo in a compiled model: plain reads only here (no globals(), no json for the default None).
+    encoded = "" if tuning is None else tuning.encode()
+    grad_in_backward = tuning.grad_in_backward if tuning is not None else None
+    if grad_in_backward is None:
+        grad_in_backward = GRAD_IN_BACKWARD
+    if grad_in_backward and (need_dh or need_dw):
+        return _loss_recompute(hidden, weight, targets, softcap, layout, encoded)
+    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, need_dh, need_dw, layout, encoded)
     return loss, n
