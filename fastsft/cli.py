@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, IndexError) as e:
-        # Data and usage problems: one clear line, not a traceback.
+    except (ValueError, OSError, ImportError, IndexError) as e:
+        # Data and usage problems (a file that cannot be read included): one clear line, not a traceback.
         print(f"fastsft {args.command}: error: {e}", file=sys.stderr)
         return 2
 
