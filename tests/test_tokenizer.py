@@ -264,3 +264,22 @@ def test_foreign_added_tokens_refused_but_in_vocab_specials_kept_as_text(trained
     assert wrapped.special_ids == trained.special_ids
     text = "x " + trained.decode([bare.token_to_id(word)]) + " y"
     assert wrapped.encode(text) == trained.encode(text)
+
+
+def test_text_that_is_not_unicode_is_named(trained):
+    # JSON can spell a lone surrogate; the Rust backend refuses it with an opaque TypeError naming no text.
+    from fastsft.tokenizer import TextEncodingError
+
+    with pytest.raises(TextEncodingError, match=r"text 2: not valid Unicode \(lone surrogate U\+D800 at character 1\)"):
+        trained.encode_batch(["fine", "also fine", "a\ud800b"])
+    with pytest.raises(TextEncodingError, match=r"text 0: .*U\+DFFF at character 0"):
+        trained.encode("\udfff")
+    with pytest.raises(ValueError, match=r"train_from_iterator: a text is not valid Unicode .*U\+D800"):
+        Tokenizer.train_from_iterator(["ok", "x\ud800"], 300)
+    assert trained.encode_batch(["a😀b"]) == [trained.encode("a😀b")]  # a surrogate pair in UTF-16 terms is fine
+
+
+def test_from_file_names_a_file_that_is_no_tokenizer(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(ValueError, match=r"vocab.json: not a tokenizer.json that the `tokenizers` library can read"):
+        Tokenizer.from_file(tmp_path / "vocab.json")
