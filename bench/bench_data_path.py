@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastsft.chat import render_conversation
-from fastsft.packing import pack_rows, pack_rows_reference, render_batch_flat
+from fastsft.packing import default_max_seqs, pack_rows, pack_rows_reference, render_batch_flat, segment_budget
 from fastsft.tokenizer import SPECIAL_TOKENS
 
 NUM_CONVERSATIONS = 512
@@ -140,11 +140,15 @@ def test_speedup_interleaved(benchmark, data):
           f"{cpp_s * 1e3:.2f} ms in that pair); all pairs: {', '.join(f'{r:.1f}x' for r, _, _ in ratios)}")
 
 
-def test_streaming_efficiency_fixed_rows(benchmark, data):
-    """A loader's view: 16 rows of 2048 per step, left-overs carried into the next step's buffer."""
+@pytest.mark.parametrize("budget", ["default", "segment_budget"])
+def test_streaming_efficiency_fixed_rows(benchmark, data, budget):
+    """A loader's view: 16 rows of 2048 per step, left-overs carried into the next step's buffer; cu_seqlens at
+    the default budget (66 segments per row) or sized to the data (segment_budget over the rendered lengths)."""
     tokenizer, conversations = data
     flat = render_batch_flat(tokenizer, conversations, max_tokens=SEQ_LEN)
     pairs = flat.to_list()
+    max_seqs = (default_max_seqs(16, SEQ_LEN) if budget == "default"
+                else segment_budget(np.diff(flat.offsets), 16, SEQ_LEN))
 
     def stream():
         source = iter(range(len(pairs)))
@@ -155,12 +159,13 @@ def test_streaming_efficiency_fixed_rows(benchmark, data):
                 buffer.append(i)
             if not buffer:
                 return len(efficiencies), efficiencies
-            packed = pack_rows([pairs[i] for i in buffer], SEQ_LEN, num_rows=16, pad_id=tokenizer.bos_id)
+            packed = pack_rows([pairs[i] for i in buffer], SEQ_LEN, num_rows=16, pad_id=tokenizer.bos_id,
+                               max_seqs=max_seqs)
             buffer = [buffer[k] for k in packed.leftover]
             efficiencies.append(packed.efficiency)
 
     steps, efficiencies = benchmark.pedantic(stream, rounds=1, iterations=1)
     full = efficiencies[:-2] or efficiencies  # the last steps drain the buffer and are partly empty
-    benchmark.extra_info.update(steps=steps, mean_efficiency_full_steps=float(np.mean(full)))
-    print(f"\nstreaming 16x{SEQ_LEN} rows, buffer 64: {steps} steps, mean efficiency {np.mean(full):.3f} "
-          f"(excluding the 2 draining steps)")
+    benchmark.extra_info.update(steps=steps, mean_efficiency_full_steps=float(np.mean(full)), max_seqs=max_seqs)
+    print(f"\nstreaming 16x{SEQ_LEN} rows, buffer 64, {max_seqs} segments ({budget}): {steps} steps, mean "
+          f"efficiency {np.mean(full):.3f} (excluding the 2 draining steps)")
