@@ -268,3 +268,14 @@ def test_skipped_rows_go_to_logging_not_stderr(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fastsft.data"):
         load_task(f"jsonl:{path}", on_error="skip")
     assert "skipped 1 rows: 1 x malformed JSON line" in caplog.text
+
+
+def test_json_document_over_the_size_limit(tmp_path, monkeypatch):
+    import fastsft.data.files
+
+    monkeypatch.setattr(fastsft.data.files, "MAX_JSON_BYTES", 1000)  # the real limit is 1 GiB
+    path = tmp_path / "big.json.gz"
+    path.write_bytes(gzip.compress(json.dumps([{"instruction": "a" * 600, "output": "b"}] * 4).encode()))
+    with pytest.raises(DataError, match=r"big.json.gz: a .json document larger than 1,000 bytes; store the rows as "
+                                        r"JSON Lines"):
+        load_task(f"alpaca:{path}")

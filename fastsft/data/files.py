@@ -37,7 +37,7 @@ from fastsft.data.base import BadRowError, DataError, RowError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 DEFAULT_MAX_ROW_BYTES = 64 << 20  # one JSONL line; far above any real conversation, far below a memory problem
-MAX_JSON_BYTES = 4 << 30  # a whole .json document (decompressed); larger data belongs in JSON Lines
+MAX_JSON_BYTES = 1 << 30  # a whole .json document (decompressed; parsed it takes several times that); use JSONL
 BOM = b"\xef\xbb\xbf"
 # What a broken .gz raises while it is read: a bad header, a bad deflate stream, or data ending mid-stream.
 GZIP_ERRORS = (gzip.BadGzipFile, zlib.error, EOFError)
