@@ -22,3 +22,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 bench/gpu_kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python3 bench/gpu_model.py 2>&1 | tee "$out/model.log"
 python3 bench/gpu_attention.py --json "$out/attention.json" 2>&1 | tee "$out/attention.log"
+if python3 -c "import pytest_benchmark" 2>/dev/null; then
+  python3 -m pytest bench --benchmark-only -q -p no:cacheprovider --bench-rows "$out/bench_rows.json" \
+    --benchmark-json "$out/benchmark.json" 2>&1 | tee "$out/bench_suite.log"
+else
+  echo "pytest-benchmark not installed: the bench suite (python -m pytest bench --benchmark-only) is skipped"
+fi
