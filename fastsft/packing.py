@@ -23,6 +23,11 @@ Packing algorithm (pack_rows and pack_rows_reference, identical by construction 
      streaming loader can carry them into the next batch; nothing is dropped silently.
   4. Each row's free tail is padding: pad_id tokens, targets -1, positions 0, 1, ... as one segment.
 
+Validation: the C++ functions copy every array they are given into memory they own before checking it or
+releasing the GIL (csrc/array_checks.h), and check the values themselves (ids >= 0, mask 0 or 1, offsets, int
+arguments in range), so every way of calling them, RenderedBatch or (ids, mask) pairs, gets the same checks.
+pack_rows_reference checks its inputs with its own plain-Python code.
+
 Row tensors: input_ids = the conversation tokens; targets[t] = the next token of the same conversation where
 that token is supervised (mask 1), else -1; the last token of each conversation (also of a truncated one) and all
 padding get -1. position_ids restart at 0 for every conversation and padding segment. cu_seqlens (int32) marks

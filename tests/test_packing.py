@@ -285,6 +285,8 @@ def test_out_of_range_ints_name_the_argument():
     with pytest.raises(TypeError, match=r"argument 'max_tokens' must be an int, got float"):
         _C.render_assemble(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int64),
                            np.zeros(1, np.int64), 8.0)
+    with pytest.raises(ValueError, match=r"render_assemble: tokens\[1\] = -7 is not a token id"):
+        _C.render_assemble(np.array([3, -7], np.int32), np.array([0, 2]), np.array([-2]), np.array([0, 1]), 8)
     args = _fill_args()
     # rows * seq_len overflows int64 here (2^62 * 4): the guard must not overflow with it.
     with pytest.raises(ValueError, match=r"rows=4611686018427387904 x seq_len=4 tokens exceed"):
