@@ -38,7 +38,8 @@ FAMILIES = ("matmul", "attention", "loss", "optimizer", "elementwise", "copy/oth
 _FAMILY_PATTERNS = (
     ("attention", r"flash|fmha|attention|attn|sdpa|varlen"),
     ("loss", r"_ce_rows|_grad_tile|_grad_epilogue|_scatter_home|cross_entropy|nll_loss|log_softmax|logsumexp"),
-    ("optimizer", r"_adamw|_muon|_gram_kernel|multi_tensor_apply|fused_adam|foreach_|_fused_sgd|lerp"),
+    ("optimizer", r"optimizer\.step|_adamw|_muon|_gram_kernel|multi_tensor_apply|fused_adam|foreach_|_fused_sgd"
+                  r"|lerp"),
     ("matmul", r"gemm|matmul|\bmm\b|aten::mm|aten::addmm|aten::bmm|aten::baddbmm|cublas|cutlass|nvjet|xmma|wgmma"
                r"|triton_tem_|splitk"),
     ("elementwise", r"^triton_(poi|per|red)_"),  # inductor's fused kernels, even those named after a copy or cat

@@ -71,6 +71,7 @@ def test_disabled_profiler_records_nothing(tmp_path):
     ("_adamw_kernel", "optimizer"),
     ("_muon_momentum_kernel", "optimizer"),
     ("_gram_kernel", "optimizer"),
+    ("Optimizer.step#AdamW.step", "optimizer"),  # torch's annotation of an optimizer step (CPU profiles)
     ("triton_poi_fused__to_copy_add_mul_0", "elementwise"),
     ("triton_red_fused__fused_rms_norm_1", "elementwise"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float>>",
