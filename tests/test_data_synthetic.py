@@ -76,10 +76,15 @@ def test_spell():
 
 @pytest.mark.parametrize("cls", [Arithmetic, LetterCount, Spell])
 def test_deterministic_and_seeded(cls):
-    a, b, c = cls(size=50, seed=1), cls(size=50, seed=1), cls(size=50, seed=2)
-    assert list(a) == list(b)
-    assert list(a) != list(c)
-    assert a[17] == a.get_example(17)  # random access does not depend on what was read before
+    sequential = list(cls(size=50, seed=1))
+    assert sequential == list(cls(size=50, seed=1))  # another instance, same seed: the same examples in order
+    assert sequential != list(cls(size=50, seed=2))
+    # An example depends on its index, not on what was read before: a fresh instance read out of order gives what
+    # reading in order gave; and the index is not ignored (every example would be the same then).
+    fresh = cls(size=50, seed=1)
+    order = [17, 3, 49, 0, 17]
+    assert [fresh[i] for i in order] == [sequential[i] for i in order]
+    assert len({repr(example) for example in sequential}) > 40
 
 
 @pytest.mark.parametrize("cls", [Arithmetic, LetterCount, Spell])
