@@ -150,22 +150,6 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
-    def check_token_ids(self, ids: torch.Tensor, where: str = "token ids") -> None:
-        """Raise naming `where` and the first bad id if any id lies outside [0, vocab_size).
-
-        The rows of wte beyond vocab_size (padding to pad_vocab_to) exist, so an id there would be embedded silently
-        (and an id beyond them read out of bounds on the GPU). Meant for the host-side batch before its copy to the
-        GPU: on a CUDA tensor it costs a host sync.
-        """
-        if ids.numel() == 0:
-            return
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bool(bad.any()):
-            first = int(bad.reshape(-1).nonzero()[0])
-            raise ValueError(f"{where}: {int(bad.sum())} token ids outside the model's vocabulary [0, "
-                             f"{self.vocab_size}), the first {int(ids.reshape(-1)[first])} at flat position {first}; "
-                             "does the tokenizer match the model?")
-
     def window_sizes(self) -> list[int]:
         """Left attention window per layer, as nanochat: L = sequence_len, S = sequence_len/4 rounded up to 128."""
         long_window = self.sequence_len

@@ -366,18 +366,6 @@ def test_config_numbers_are_normalized():
     assert GPTConfig.from_dict(config.to_dict()) == config == tiny_config(rope_base=1e4, softcap=15.0)
 
 
-def test_token_ids_outside_the_vocabulary_are_rejected_naming_the_first():
-    config = tiny_config()  # vocab 97, padded to 128 rows of wte
-    assert config.padded_vocab_size == 128
-    config.check_token_ids(torch.tensor([[0, 96], [5, 7]]), "batch 3")
-    config.check_token_ids(torch.empty(0, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"batch 3: 2 token ids outside the model's vocabulary \[0, 97\), the first "
-                                         r"100 at flat position 2"):
-        config.check_token_ids(torch.tensor([[0, 96], [100, 97]]), "batch 3")  # in the padded rows: not embedded
-    with pytest.raises(ValueError, match="the first -1 at flat position 0"):
-        config.check_token_ids(torch.tensor([-1, 5]))
-
-
 def test_bad_inputs_raise():
     model = random_model(tiny_config())
     idx = torch.zeros(2, 6, dtype=torch.long)
