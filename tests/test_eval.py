@@ -330,3 +330,15 @@ def test_interactive_chat_keeps_the_turns(run_dir):
     stream = io.StringIO()
     assert chat(run_dir, read_line=lambda prompt: next(lines), max_new_tokens=4, device="cpu", stream=stream) == 0
     assert stream.getvalue().count("assistant> ") == 2
+
+
+def test_tokenizer_of_the_run_dir_is_used_when_the_checkpoint_has_none(tmp_path):
+    from fastsft.eval import load_for_inference
+
+    tok = small_tokenizer()
+    save(tiny_model(tok.vocab_size), tmp_path / "checkpoint")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        load_for_inference(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model, loaded, directory = load_for_inference(tmp_path)
+    assert directory == tmp_path / "checkpoint" and loaded.vocab_size == tok.vocab_size and not model.training

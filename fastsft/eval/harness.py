@@ -44,8 +44,8 @@ def _rank_world():
     return 0, 1
 
 
-def _evaluate_task(model, tokenizer, engine, task, name, indices, mt_indices, *, batch_size, max_new_tokens, num_samples,
-                   temperature, device) -> dict:
+def _evaluate_task(model, tokenizer, engine, task, name, indices, mt_indices, *, batch_size, max_new_tokens,
+                   num_samples, temperature, device) -> dict:
     sums = dict.fromkeys(COUNTS, 0.0)
     conversations = [task[i] for i in indices]
     mt_conversations = [multi_turn(task, i) for i in mt_indices]

@@ -1,4 +1,4 @@
-"""A model and its tokenizer from a fastsft checkpoint dir, or from a training run dir (checkpoint in DIR/checkpoint)."""
+"""A model and its tokenizer from a fastsft checkpoint dir, or a training run dir (checkpoint in DIR/checkpoint)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 def load_for_inference(path: str | os.PathLike, device="cpu"):
-    """(model in eval mode, Tokenizer, checkpoint dir). The tokenizer must be saved beside the weights."""
+    """(model in eval mode, Tokenizer, checkpoint dir)."""
     directory = checkpoint_dir(path)
-    tokenizer_file = directory / TOKENIZER_FILE
-    if not tokenizer_file.is_file():
+    # The checkpoint's own tokenizer, else the run dir's (the driver writes one there before the first save).
+    candidates = [directory / TOKENIZER_FILE, Path(path) / TOKENIZER_FILE]
+    tokenizer_file = next((c for c in candidates if c.is_file()), None)
+    if tokenizer_file is None:
         raise FileNotFoundError(f"checkpoint {directory} has no {TOKENIZER_FILE}; save the tokenizer with the model")
     model, _meta = load(directory, device=device)
     tokenizer = Tokenizer.from_file(tokenizer_file)
