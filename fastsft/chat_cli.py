@@ -78,6 +78,7 @@ def chat(checkpoint, prompt: str | None = None, *, max_new_tokens: int = 512, te
          top_k: int | None = 50, seed: int = 0, device: str | None = None, stream=None, read_line=input) -> int:
     """One answer to `prompt`, or (without it) a conversation until an empty line, 'quit' or end of input."""
     stream = stream or sys.stdout
+    top_k = top_k or None  # 0 on the command line: no top-k filter
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, directory = load_for_inference(checkpoint, device=device)
     engine = Engine(model, tokenizer)
