@@ -1,7 +1,7 @@
 """Generation: batched sampling over the model's KV cache, with the calculator tool between python tokens.
 
-Why one engine: evaluation, `fastsft chat` and the training driver's sample logging must generate the same way
-(same stops, same tool forcing), or a metric would measure something the user never sees.
+Why one engine: evaluation (fastsft.eval) and `fastsft chat` generate through it, with the same stops and the same
+tool forcing, so a metric measures what a user of the model sees.
 
     engine = Engine(model, tokenizer)
     for step in engine.generate(prompt_ids, num_samples=4, max_new_tokens=256, temperature=0.8, seed=0):
