@@ -207,7 +207,7 @@ def test_field_mapping_in_the_spec(tmp_path):
     rows = [{"instruction": f"say {i}", "response": f"{i}"} for i in range(4)]
     path = tmp_path / "near_alpaca.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=r"needs \['instruction', 'output'\].*alpaca:FILE\?instruction=NAME"):
+    with pytest.raises(DataError, match=r"needs \['instruction', 'output'\].*alpaca:FILE\?output=NAME_IN_THE_FILE"):
         load_task(f"alpaca:{path}")
     with pytest.raises(DataError, match=r"unknown field layout.*alpaca:FILE\?output=response"):
         load_task(f"jsonl:{path}")  # layout detection says how to map as well

@@ -134,10 +134,11 @@ class RowTask(Task):
                     return
                 seen.update(row)
         where = f" (the layout of hub dataset {self.hub_id})" if self.hub_id else ""
+        missing = next((f for f in self.fields if f not in seen), self.fields[0])
         raise DataError(
             f"{self.name}: unknown field layout: rows have fields {sorted(seen)[:20]}, "
             f"a {self.kind} source needs {list(self.fields)}{where}; to read a field under another name, map it "
-            f"in the spec, e.g. {self.kind}:FILE?{self.fields[0]}=NAME_IN_THE_FILE"
+            f"in the spec, e.g. {self.kind}:FILE?{missing}=NAME_IN_THE_FILE"
         )
 
     def _map_checked(self, row) -> dict:
