@@ -137,10 +137,9 @@ def read_jsonl(path: Path, on_error: str = "error", max_row_bytes: int = DEFAULT
                 line_no += 1
                 if line_no == 1 and raw.startswith(BOM):
                     raw = raw[len(BOM):]
+                too_long = len(raw) > max_row_bytes and not raw.endswith(b"\n")
                 try:
-                    if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
-                        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                            pass  # skip the rest of the line in bounded pieces, never holding it
+                    if too_long:
                         raise RowError("line longer than max_row_bytes",
                                        f"more than {max_row_bytes:,} bytes; if such rows are real, raise the limit "
                                        f"with the spec option ?max_row_bytes=N")
@@ -150,6 +149,10 @@ def read_jsonl(path: Path, on_error: str = "error", max_row_bytes: int = DEFAULT
                 except RowError as e:
                     if on_error == "error":
                         raise BadRowError(f"{path}: line {line_no}: {e}") from None
+                    if too_long:
+                        raw = b""  # let the piece go before reading on
+                        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                            pass  # skip the rest of the line in bounded pieces, never holding it
                     skipped[e.reason] += 1
                     continue
                 blob += raw.rstrip(b"\r\n")
