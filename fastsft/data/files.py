@@ -14,8 +14,9 @@ error naming the file and the last line read. A UTF-8 byte order mark at the sta
 
 Memory: the lines of a JSONL file are kept as raw bytes back to back (JsonLines) and parsed again each time a row
 is read, so reading a file holds about its own size instead of the several times that parsed Python dicts take
-(tests/test_bad_input.py measures it). A .json file is one document: it is read whole (up to MAX_JSON_BYTES) and
-parsed at once; invalid UTF-8 inside it reaches the rows as lone surrogates, which the row check names.
+(tests/test_bad_input.py measures it). A .json file is one document: it is read whole (up to MAX_JSON_BYTES),
+parsed at once (the peak), then held the same way; invalid UTF-8 inside it reaches the rows as lone surrogates,
+which the row check names.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class JsonLines(Sequence):
         self.blob = blob  # the lines, back to back
         self.offsets = offsets  # (N+1,) int64: line i is blob[offsets[i]:offsets[i+1]]
 
+    @classmethod
+    def from_rows(cls, rows: list) -> "JsonLines":
+        """Parsed rows serialized back to lines (a .json document), so they too are held at about file size.
+
+        'surrogatepass' keeps a lone surrogate (an invalid byte of the file, see read_json) for the row check."""
+        blob, offsets = bytearray(), array("q", [0])
+        for row in rows:
+            blob += json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            offsets.append(len(blob))
+        return cls(blob, np.frombuffer(offsets, dtype=np.int64))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -78,7 +90,7 @@ class JsonLines(Sequence):
             raise IndexError(f"row {i} out of range for {n} rows")
         i = int(i) % n
         a, b = self.offsets[i], self.offsets[i + 1]
-        return json.loads(self.blob[a:b].decode("utf-8"))
+        return json.loads(self.blob[a:b].decode("utf-8", "surrogatepass"))
 
     def __iter__(self) -> Iterator[Any]:
         for i in range(len(self)):
@@ -194,7 +206,7 @@ def read_json(path: Path) -> Records:
         data = lists[0]
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json file must hold a list of rows, got {type(data).__name__}")
-    return Records(str(path), data)
+    return Records(str(path), JsonLines.from_rows(data))
 
 
 def read_parquet(path: Path) -> Records:
