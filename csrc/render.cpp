@@ -96,16 +96,21 @@ py::tuple flatten_token_lists(const py::object& lists) {
     for (Py_ssize_t j = 0; j < len; ++j) {
       long v;
       if (!read_compact_int(items[j], &v)) {
-        py::object held = py::reinterpret_borrow<py::object>(items[j]);  // __index__ may drop the list's reference
-        v = PyLong_AsLong(held.ptr());
-        if (v == -1 && PyErr_Occurred()) {
-          const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
-          const bool type = PyErr_ExceptionMatches(PyExc_TypeError);
-          if (!overflow && !type) throw py::error_already_set();
-          PyErr_Clear();
-          const std::string at = std::string(fn) + ": span " + std::to_string(s) + " position " + std::to_string(j);
-          if (overflow) throw py::value_error(at + " holds a token id outside [0, 2^31)");
-          throw py::type_error(at + " holds a " + Py_TYPE(held.ptr())->tp_name + ", not an int token id");
+        {
+          // Held while it converts: __index__ may drop the list's reference to it. Releasing it may run its
+          // __del__, which is Python code too, so the list is re-read only after this block.
+          py::object held = py::reinterpret_borrow<py::object>(items[j]);
+          v = PyLong_AsLong(held.ptr());
+          if (v == -1 && PyErr_Occurred()) {
+            const bool overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+            const bool type = PyErr_ExceptionMatches(PyExc_TypeError);
+            if (!overflow && !type) throw py::error_already_set();
+            PyErr_Clear();
+            const std::string at = std::string(fn) + ": span " + std::to_string(s) + " position " +
+                                   std::to_string(j);
+            if (overflow) throw py::value_error(at + " holds a token id outside [0, 2^31)");
+            throw py::type_error(at + " holds a " + Py_TYPE(held.ptr())->tp_name + ", not an int token id");
+          }
         }
         len = PySequence_Fast_GET_SIZE(seq);  // Python code ran: the list may have changed
         items = PySequence_Fast_ITEMS(seq);

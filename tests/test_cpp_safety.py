@@ -56,6 +56,26 @@ def test_flatten_when_index_empties_the_list_being_read():
     assert out.strip() == "[3, 5, 6] [0, 1, 3]"
 
 
+def test_flatten_when_an_id_dies_and_its_finalizer_empties_the_list():
+    # __index__ drops the list's reference, so the extension's hold is the last: releasing it runs __del__ (Python
+    # code) after the conversion, which must not leave a stale view of the list behind.
+    out = run_isolated("""
+        from fastsft import _C
+        class Vanish:
+            def __init__(self, lists): self.lists = lists
+            def __index__(self):
+                del self.lists[0][0]
+                return 3
+            def __del__(self):
+                self.lists[0].clear()
+        lists = [[0] + list(range(200_000)), [5]]
+        lists[0][0] = Vanish(lists)
+        tokens, offsets = _C.flatten_token_lists(lists)
+        print(tokens.tolist(), offsets.tolist())
+    """)
+    assert out.strip() == "[3, 5] [0, 1, 2]"
+
+
 def test_flatten_rejects_what_is_not_a_token_id():
     out = run_isolated("""
         from fastsft import _C
