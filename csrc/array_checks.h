@@ -103,7 +103,8 @@ Owned<T> owned_1d(const py::array& a, const char* func, const char* arg) {
 
 // A Python int argument as int64, or a TypeError / ValueError naming the function and the argument (pybind's own
 // conversion would answer an out-of-range int with "incompatible function arguments"). bool is refused: a flag
-// passed where a size belongs is a bug, not the number 0 or 1.
+// passed where a size belongs is a bug, not the number 0 or 1. It may run Python code (an __index__ method), so
+// every caller takes its owned_1d() copies first.
 inline int64_t int64_arg(const py::handle& value, const char* func, const char* arg) {
   PyObject* o = value.ptr();
   if (PyBool_Check(o) || !PyIndex_Check(o)) {

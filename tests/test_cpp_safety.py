@@ -146,3 +146,21 @@ def test_arrays_mutated_by_another_thread(target):
     }
     out = run_isolated(textwrap.dedent(MUTATOR) + textwrap.dedent(calls[target]))
     assert out.startswith("survived")
+
+
+def test_int_argument_whose_index_mutates_the_arrays():
+    # An int argument can run Python code (__index__) after the arrays were passed: the copies come first.
+    out = run_isolated("""
+        import numpy as np
+        from fastsft import _C
+        ids, mask = np.arange(1, 8, dtype=np.int32), np.ones(7, dtype=np.uint8)
+        offsets = np.array([0, 4, 7], dtype=np.int64)
+        class Sneaky:
+            def __index__(self):
+                offsets[1:] = 1 << 40  # too late: pack_fill already holds its own copy
+                return 8
+        result = _C.pack_fill(ids, mask, offsets, np.array([0, 0]), np.array([0, 4]), np.array([4, 3]), 1,
+                              Sneaky(), 0, 3)
+        print(result[0].tolist(), result[3].tolist())
+    """)
+    assert out.strip() == "[[1, 2, 3, 4, 5, 6, 7, 0]] [0, 4, 7, 8]"
