@@ -47,32 +47,13 @@ def run_inspect(args) -> int:
 
 
 def add_train(sub) -> None:
-    from fastsft.data.synthetic import DEMO_MIXTURE
-
-    p = sub.add_parser(
-        "train",
-        help="train on a data spec (for now only --dry-run: the data path of training, without a model)",
-        description="Stream one epoch of the data through the C++ renderer and packer into fixed rows x seq-len "
-        "batches and report what the model would train on. The default data is the built-in synthetic mixture.",
+    # Registered for the command list; `main` hands `fastsft train ...` to fastsft.train.main, whose settings come
+    # from a TOML config and --key=value overrides that argparse cannot know in advance.
+    sub.add_parser(
+        "train", add_help=False,
+        help="supervised fine-tuning: fastsft train [--config FILE] [--resume] [--dry-run] [--key=value ...] "
+        "(no arguments: the built-in embedded default run)",
     )
-    p.add_argument("--data", default=DEMO_MIXTURE, metavar="SPEC", help=f"task or mixture spec ({DEMO_MIXTURE})")
-    p.add_argument("--rows", type=int, default=8, help="rows per batch")
-    p.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per row")
-    p.add_argument("--tokenizer", metavar="PATH", default=None, help="as for inspect")
-    p.add_argument("--seed", type=int, default=42, help="mixture shuffle seed")
-    p.add_argument("--skip-bad-rows", action="store_true", help="as for inspect")
-    p.add_argument("--dry-run", action="store_true", help="run the data path only (required in this version)")
-    p.set_defaults(run=run_train)
-
-
-def run_train(args) -> int:
-    if not args.dry_run:
-        raise ValueError("the training loop is not in this version yet; --dry-run runs its data path")
-    from fastsft.dry_run import dry_run
-
-    dry_run(args.data, rows=args.rows, seq_len=args.seq_len, tokenizer=args.tokenizer, seed=args.seed,
-            on_error="skip" if args.skip_bad_rows else "error")
-    return 0
 
 
 def add_eval(sub) -> None:
@@ -138,12 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return run_train(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, OSError, ImportError, IndexError) as e:
         # Data and usage problems (a file that cannot be read included): one clear line, not a traceback.
         print(f"fastsft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_train(argv: list[str]) -> int:
+    from fastsft.data.base import DataError
+    from fastsft.train import main as train_main
+    from fastsft.train_config import ConfigError
+
+    try:
+        return train_main(argv)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"fastsft train: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,1 @@
+"""Built-in training configs (TOML): `default.toml` is what `fastsft train` runs with no arguments."""

@@ -1,0 +1,225 @@
+"""Everything a run tells its user: the step line, a progress bar, metrics.jsonl, summary.json, report.md with plots.
+
+Only rank 0 writes. The step line keeps the seed's spirit (`step | loss | lrm | supervised tokens | tok/s | MFU |
+memory`); metrics.jsonl holds one JSON object per step (at least step, loss, lr, supervised_tokens, tokens_per_s)
+and one per evaluation; W&B and TensorBoard receive the same when asked for and installed. The progress bar
+(tqdm) shows only on a terminal. Warnings of fastsft.diagnostics go to the log as they happen and into the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastsft.diagnostics import Diagnostics
+
+logger = logging.getLogger("fastsft.train")
+
+# Dense bf16 peak of the GPUs MFU is reported against (spec sheet figures).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "GH200": 989e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class RunLog:
+    def __init__(self, run, enabled: bool = True):
+        self.run, self.enabled = run, enabled
+        self.out = Path(run.cfg.out_dir)
+        self.diagnostics = Diagnostics()
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.eval_before: dict = {}
+        self.bar = None
+        self._metrics = None
+        self._wandb = self._tb = None
+        self._peak = peak_flops(run.dist.device)
+        self._start = time.perf_counter()
+
+    # -- start ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        run, cfg = self.run, self.run.cfg
+        (self.out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        mode = "a" if run.start_step else "w"
+        self._metrics = open(self.out / "metrics.jsonl", mode, encoding="utf-8")
+        m = run.model.config
+        per = run.per_micro_batch
+        lines = [
+            "resolved config (also in " + str(self.out / "config.toml") + "):",
+            *("  " + line for line in cfg.to_toml().splitlines() if line),
+            f"data: {cfg.data}: {len(run.train_task):,} conversations; held out: "
+            f"{', '.join(run.val_tasks) or 'none'}",
+            f"tokenizer: {run.tok_desc}",
+            f"model: {run.source}; {run.model.num_params() / 1e6:.2f}M parameters, {m.n_layer} layers, width "
+            f"{m.n_embd}, vocab {m.vocab_size:,}, sequence_len {m.sequence_len}",
+            f"device: {run.dist.device} x {run.dist.world} process(es); compile: "
+            f"{'on' if run.step_model is not run.model else 'off'}; autocast: "
+            f"{'bf16' if run.autocast().__class__.__name__ == 'autocast' else 'off (fp32)'}",
+            f"step: {run.micro_batches_per_step} micro-batch(es) of {cfg.device_batch_size} x {cfg.seq_len} per rank "
+            f"(~{per['conversations'] * run.micro_batches_per_step * run.dist.world:.0f} conversations, "
+            f"~{per['supervised'] / max(per['tokens'], 1) * 100:.0f}% of tokens supervised), "
+            f"{run.max_seqs} cu_seqlens segments per micro-batch; {run.num_steps} steps"
+            + (f", resuming after step {run.start_step}" if run.start_step else ""),
+        ]
+        for line in lines:
+            logger.info(line)
+        if cfg.wandb:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=cfg.wandb, config=cfg.to_dict(), dir=str(self.out))
+            except ImportError:
+                logger.warning("wandb is set but the wandb package is not installed: skipped")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is set but the tensorboard package is not installed: skipped")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.num_steps, initial=run.start_step, unit="step", dynamic_ncols=True)
+
+    # -- during --------------------------------------------------------------------------------------------------
+    def _say(self, text: str, level=logging.INFO) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            logger.log(level, text)
+
+    def warn(self, text: str) -> None:
+        if self.enabled:
+            self._say("warning: " + text, logging.WARNING)
+
+    def _emit(self, row: dict) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=row["step"])
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, row["step"])
+
+    def step(self, step: int, loss: float, lrm: float, micro_batches: list, seconds: float) -> None:
+        if not self.enabled:
+            return
+        run = self.run
+        world = run.dist.world
+        tokens = sum(b.num_tokens for b in micro_batches)
+        supervised = sum(b.num_supervised for b in micro_batches)
+        flops = sum(run.model.training_flops(b.lengths, b.num_supervised) for b in micro_batches)
+        mfu = flops / seconds / self._peak if self._peak else None
+        lr = run.optimizers.param_groups[0]["lr"]
+        row = dict(step=step, loss=loss if math.isfinite(loss) else None, lrm=lrm, lr=lr,
+                   supervised_tokens=supervised * world, tokens=tokens * world,
+                   conversations=sum(b.num_conversations for b in micro_batches) * world,
+                   supervised_ratio=supervised / max(tokens, 1), step_time_s=seconds,
+                   tokens_per_s=tokens * world / seconds, supervised_tokens_per_s=supervised * world / seconds,
+                   mfu=mfu, memory_gib=memory_gib(run.dist.device))
+        self.history.append(row)
+        self._emit(row)
+        for w in self.diagnostics.step(step, loss, supervised, tokens):
+            self.warn(w)
+        if step % run.cfg.log_every == 0 or step == run.num_steps:
+            mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+            self._say(f"step {step:5d}/{run.num_steps} | loss {loss:.4f} | lrm {lrm:.3f} | supervised {supervised * world:,}"
+                      f" ({100 * row['supervised_ratio']:.0f}%) | {row['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | "
+                      f"mem {row['memory_gib']:.2f} GiB")
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def eval(self, step: int, metrics: dict, before: bool = False) -> None:
+        if not self.enabled or not metrics:
+            return
+        if before:
+            self.eval_before = dict(metrics)
+        row = {"step": step, "eval": True, **metrics}
+        self.evals.append(row)
+        self._emit(row)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self._say(f"eval at step {step}{' (before training)' if before else ''}: {shown}")
+        for w in self.diagnostics.evaluation(step, metrics):
+            self.warn(w)
+
+    # -- end -----------------------------------------------------------------------------------------------------
+    def finish(self, step: int, after: dict, samples: list, finished: bool) -> dict:
+        if not self.enabled:
+            return {"finished": finished}
+        run = self.run
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if after:
+            self.eval(step, after)
+        for w in self.diagnostics.final(after):
+            self.warn(w)
+        losses = [r["loss"] for r in self.history if r["loss"] is not None]
+        steady = self.history[1:] or self.history
+        summary = dict(
+            steps=step, num_steps=run.num_steps, finished=finished,
+            stopped_by_signal=not finished and step < run.num_steps,
+            final_loss=losses[-1] if losses else None,
+            skipped_nonfinite=run.counters["skipped_nonfinite"], skipped_oom=run.counters["skipped_oom"],
+            recompiles=run.counters.get("recompiles", 0), truncated_conversations=run.counters["truncated"],
+            conversations=run.counters["conversations"],
+            tokens_per_s=float(np.mean([r["tokens_per_s"] for r in steady])) if steady else None,
+            supervised_tokens_per_s=float(np.mean([r["supervised_tokens_per_s"] for r in steady])) if steady else None,
+            mfu=float(np.mean([r["mfu"] for r in steady])) if steady and steady[0]["mfu"] is not None else None,
+            peak_memory_gib=memory_gib(run.dist.device), wall_time_s=time.perf_counter() - self._start,
+            eval_before=self.eval_before, eval_after=dict(after), warnings=self.diagnostics.warnings,
+            samples=samples, device=str(run.dist.device), world_size=run.dist.world,
+        )
+        if run.dist.device.type == "cuda":
+            summary["device_name"] = torch.cuda.get_device_name(run.dist.device)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        self._report(summary)
+        for k, v in sorted(after.items()):
+            before = self.eval_before.get(k)
+            if isinstance(v, float):
+                self._say(f"  {k}: {'' if before is None else f'{before:.4f} -> '}{v:.4f}")
+        for s in samples:
+            self._say(f"sample ({s['task']}, {'right' if s['right'] else 'wrong'}): {s['question']!r}\n"
+                      f"  model: {s['answer']!r}")
+        self._say(f"summary: {self.out / 'summary.json'}; report: {self.out / 'report.md'}")
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+        return summary
+
+    def _report(self, summary: dict) -> None:
+        from fastsft.report import write_report
+
+        try:
+            write_report(self.out, summary, self.history, self.evals)
+        except Exception as e:  # a report must never cost the run its summary
+            logger.warning("could not write the report: %s", e)

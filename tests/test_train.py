@@ -1,0 +1,307 @@
+"""The training driver: the step's gradient, DDP, resume, guards, signals, configs, and the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fastsft import train as train_mod
+from fastsft.batches import DeviceBatch, PackedStream, RenderedSource, to_device
+from fastsft.distributed import Dist
+from fastsft.model import GPT, GPTConfig
+from fastsft.train_config import ConfigError, load_config
+
+TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--model.n_kv_head=2", "--seq_len=128",
+        "--device_batch_size=4", "--tokenizer_vocab_size=300", "--eval_every=0", "--answer_accuracy=false",
+        "--samples=0", "--init_lr_frac=1.0", "--muon_momentum_warmup_steps=0"]
+DATA = "--data=synthetic:spell?size=400,synthetic:arithmetic?size=200"
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """These tests check the loop, not the kernels (their own tests do): run the CPU path users get, where the
+    loss and the optimizers fall back to their PyTorch references instead of Triton's slow interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [f"--out_dir={tmp_path}", DATA, *TINY, *extra])
+
+
+def losses_of(out_dir) -> list[float]:
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "eval" not in r]
+
+
+# -- the step's gradient does not depend on packing or accumulation ---------------------------------------------------
+
+
+def _conversations(n, vocab, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(5, 40))
+        ids = rng.integers(0, vocab, length).astype(np.int32)
+        mask = (rng.random(length) < 0.6).astype(np.uint8)
+        mask[0] = 0
+        out.append((ids, mask))
+    return out
+
+
+def _batches(source, rows, seq_len, per_batch):
+    """Micro-batches holding exactly `per_batch` conversations each (all of them, in order)."""
+    out = []
+    for start in range(0, len(source), per_batch):
+        chunk = RenderedSource(source.pairs[start:start + per_batch])
+        stream = PackedStream(chunk, rows, seq_len, max_seqs=rows * 16, pad_id=0)
+        host = stream.next_batch()
+        assert len(host.lengths) == len(chunk), "the packing of this test must place every conversation"
+        out.append(to_device(host, torch.device("cpu"), vocab_size=97))
+    return out
+
+
+def _grads_after_step(model, micro_batches):
+    run = SimpleNamespace(dist=Dist(), step_model=model, autocast=train_mod.contextlib.nullcontext,
+                          counters={"skipped_oom": 0})
+    model.zero_grad(set_to_none=True)
+    total, count = train_mod.train_step(run, micro_batches)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, float(total / count)
+
+
+def test_accumulated_gradient_equals_one_big_batch():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():  # break the zero-init symmetry so every parameter gets a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    source = RenderedSource(_conversations(24, 97, seed=1))
+    one, loss_one = _grads_after_step(model, _batches(source, rows=12, seq_len=64, per_batch=24))
+    for rows, seq_len, per_batch in ((4, 64, 8), (2, 96, 3), (1, 256, 5)):
+        many, loss_many = _grads_after_step(model, _batches(source, rows, seq_len, per_batch))
+        assert loss_many == pytest.approx(loss_one, rel=1e-5)
+        for name, g in one.items():
+            torch.testing.assert_close(many[name], g, rtol=1e-4, atol=1e-6, msg=f"{name} differs")
+    assert any(g.abs().sum() > 0 for g in one.values())
+
+
+def test_schedule_is_the_seeds_linear_decay_by_default(tmp_path):
+    cfg = tiny_config(tmp_path, "--warmdown_ratio=1.0", "--warmup_ratio=0.0")
+    assert [train_mod.schedule(cfg, s, 4)[0] for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    cfg = tiny_config(tmp_path, "--warmup_ratio=0.25", "--warmdown_ratio=0.5", "--final_lr_frac=0.1",
+                      "--muon_momentum_warmup_steps=2")
+    lrms = [train_mod.schedule(cfg, s, 8)[0] for s in range(8)]
+    assert lrms[:2] == [0.5, 1.0] and lrms[2:4] == [1.0, 1.0]
+    assert lrms[4] == pytest.approx(1.0) and lrms[7] == pytest.approx(0.25 + 0.75 * 0.1)
+    assert [train_mod.schedule(cfg, s, 8)[1] for s in (0, 1, 2, 5)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+
+
+# -- configs -----------------------------------------------------------------------------------------------------------
+
+
+def test_bad_config_key_or_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="num_iteratons.*valid keys.*num_iterations"):
+        load_config(None, ["--num_iteratons=5"])
+    with pytest.raises(ConfigError, match="seq_len must be a int"):
+        load_config(None, ["--seq_len=abc"])
+    with pytest.raises(ConfigError, match="device_batch_size must be >= 1"):
+        load_config(None, ["--device_batch_size=0"])
+    with pytest.raises(ConfigError, match="loss_layout must be one of"):
+        load_config(None, ["--loss_layout=huge"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seq_len = 128\nlearning_rate = 3\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*learning_rate"):
+        load_config(bad)
+    from fastsft.cli import main
+
+    assert main(["train", "--num_iteratons=5"]) == 2
+
+
+def test_model_keys_are_checked(tmp_path):
+    cfg = tiny_config(tmp_path, "--model.n_layr=3")
+    with pytest.raises(ValueError, match="n_layr"):
+        train_mod.model_config(cfg, 300)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = tiny_config(tmp_path, "--compile=false", "--data=synthetic:spell")
+    path = tmp_path / "resolved.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+# -- runs ---------------------------------------------------------------------------------------------------------------
+
+
+def test_run_writes_metrics_summary_report(tmp_path):
+    out = tmp_path / "run"
+    summary = train_mod.run_training(tiny_config(out, "--num_iterations=4", "--eval_every=2", "--val_data="
+                                                 "synthetic:spell@test?size=16", "--eval_steps=1"))
+    assert summary["finished"] and summary["steps"] == 4 and summary["recompiles"] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "eval" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "supervised_tokens", "tokens_per_s"):
+        assert all(r[key] is not None for r in steps), key
+    assert any("eval" in r and "val_loss" in r for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("steps", "final_loss", "skipped_nonfinite", "skipped_oom", "recompiles", "eval_before", "eval_after"):
+        assert key in saved
+    assert "val_loss" in saved["eval_before"] and "val_loss" in saved["eval_after"]
+    assert (out / "report.md").is_file() and (out / "loss.png").is_file()
+    assert (out / "config.toml").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_nonfinite_loss_and_oom_are_skipped_and_counted(tmp_path, monkeypatch):
+    calls = {"n": 0, "opt": 0}
+    real = train_mod.forward_loss
+
+    def faulty(step_model, batch, autocast):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loss_sum, count = real(step_model, batch, autocast)
+            return loss_sum * float("nan"), count
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("injected")
+        return real(step_model, batch, autocast)
+
+    monkeypatch.setattr(train_mod, "forward_loss", faulty)
+    run = train_mod.build_run(tiny_config(tmp_path, "--num_iterations=5", "--target_examples_per_step=1"))
+    assert run.micro_batches_per_step == 1
+    step = run.optimizers.step
+
+    def counted_step():
+        calls["opt"] += 1
+        step()
+
+    run.optimizers.step = counted_step
+    summary = train_mod.run_training(run.cfg, run=run)
+    assert summary["skipped_nonfinite"] == 1 and summary["skipped_oom"] == 1
+    assert calls["opt"] == 3  # 5 steps, one skipped for NaN; the OOM step had no micro-batch left, so nan too
+    assert summary["finished"]
+    for p in run.model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def _run_until_sigterm(tmp_path, monkeypatch, after_steps):
+    real = train_mod.train_step
+    seen = {"n": 0}
+
+    def step_then_signal(run, micro_batches):
+        out = real(run, micro_batches)
+        seen["n"] += 1
+        if seen["n"] == after_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
+    args = ("--num_iterations=6", "--target_examples_per_step=40")
+    full = train_mod.run_training(tiny_config(tmp_path / "full", *args))
+    assert full["finished"]
+    real_step = train_mod.train_step
+    _run_until_sigterm(tmp_path, monkeypatch, after_steps=3)
+    part = train_mod.run_training(tiny_config(tmp_path / "part", *args))
+    assert part["stopped_by_signal"] and part["steps"] == 3
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = train_mod.run_training(tiny_config(tmp_path / "part", *args), resume=True)
+    assert resumed["finished"] and resumed["steps"] == 6
+    assert losses_of(tmp_path / "part") == losses_of(tmp_path / "full")  # exactly, on the CPU
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastsft.train", f"--out_dir={out}", DATA, *TINY, "--num_iterations=400"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step     2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopped by SIGTERM" in rest
+    state = json.loads((out / "checkpoint" / "train_state.json").read_text())["state"]
+    stopped_at = state["step"]
+    assert 2 <= stopped_at < 400
+    run = train_mod.build_run(load_config(None, [f"--out_dir={out}", DATA, *TINY, "--num_iterations=400"]),
+                              resume=True)
+    assert run.start_step == stopped_at and run.num_steps == 400
+    before = [p.detach().clone() for p in run.model.parameters()]
+    batch = run.loader.get()
+    run.loader.close()
+    total, count = train_mod.train_step(run, [batch])
+    run.optimizers.step()
+    assert torch.isfinite(total) and any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes, one micro-batch each, gives the losses of one process that takes the same
+    two rank shares as two micro-batches of each step."""
+    args = [DATA, *TINY, "--num_iterations=3", "--target_examples_per_step=24", "--loader_thread=false"]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "fastsft.train", f"--out_dir={out}", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 micro-batch(es)" in proc.stdout + proc.stderr
+    ddp_losses = losses_of(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+    cfg = load_config(None, [f"--out_dir={tmp_path / 'one'}", *args, f"--tokenizer={out / 'tokenizer.json'}"])
+    run = train_mod.build_run(cfg)
+    streams = []
+    for rank in range(2):
+        s = PackedStream(run.loader.stream.render, cfg.device_batch_size, cfg.seq_len, run.max_seqs,
+                         run.tokenizer.bos_id, seed=cfg.seed, rank=rank, world=2)
+        streams.append(s)
+
+    class TwoRanks:
+        def __init__(self):
+            self.n = 0
+            self.stream = streams[0]
+
+        def get(self) -> DeviceBatch:
+            s = streams[self.n % 2]
+            self.n += 1
+            return to_device(s.next_batch(), torch.device("cpu"), run.model.config.vocab_size)
+
+        def close(self):
+            pass
+
+    run.loader = TwoRanks()
+    run.micro_batches_per_step = 2
+    run.num_steps = 3
+    train_mod.run_training(cfg, run=run)
+    one_losses = losses_of(tmp_path / "one")
+    assert len(ddp_losses) == len(one_losses) == 3
+    np.testing.assert_allclose(ddp_losses, one_losses, rtol=2e-5)
+
+
+def test_dry_run_goes_through_the_same_config(capsys):
+    from fastsft.cli import main
+
+    assert main(["train", "--dry-run", "--data", "synthetic:spell?size=40", "--device_batch_size", "2",
+                 "--seq-len", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "(2, 96) int64" in out and "nothing was trained" in out
