@@ -449,7 +449,9 @@ class GPT(nn.Module):
         N = flat_idx.shape[0]
         cos, sin = self.cos[flat_pos][:, None, :], self.sin[flat_pos][:, None, :]  # (N, 1, D/2)
 
-        x = norm(self.transformer.wte(flat_idx))  # (N, C)
+        # The residual stream keeps the embeddings' dtype: with bf16 tables (the driver's choice on GPUs) it stays bf16
+        # under autocast, where rms_norm's fp32 output would otherwise turn every later elementwise op fp32.
+        x = norm(self.transformer.wte(flat_idx)).to(self.transformer.wte.weight.dtype)  # (N, C)
         if self.config.smear:
             prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)  # (N, C) previous token, no smear at starts
             has_prev = ~segment_starts(cu_seqlens, N)

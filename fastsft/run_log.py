@@ -77,7 +77,7 @@ class RunLog:
             f"model: {run.source}; {run.model.num_params() / 1e6:.2f}M parameters, {m.n_layer} layers, width "
             f"{m.n_embd}, vocab {m.vocab_size:,}, sequence_len {m.sequence_len}",
             f"device: {run.dist.device} x {run.dist.world} process(es); compile: "
-            f"{'on' if run.step_model is not run.model else 'off'}; autocast: "
+            f"{'on' if run.compiled else 'off'}; autocast: "
             f"{'bf16' if run.autocast().__class__.__name__ == 'autocast' else 'off (fp32)'}",
             f"step: {run.micro_batches_per_step} micro-batch(es) of {cfg.device_batch_size} x {cfg.seq_len} per rank "
             f"(~{per['conversations'] * run.micro_batches_per_step * run.dist.world:.0f} conversations, "

@@ -65,6 +65,7 @@ class Run:
     max_seqs: int
     autocast: object
     source: str
+    compiled: bool = False
     start_step: int = 0
     counters: dict = field(default_factory=dict)
 
@@ -158,8 +159,22 @@ def segment_budget_for(cfg: TrainConfig, render) -> int:
     return packing.default_max_seqs(cfg.device_batch_size, cfg.seq_len)
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    return cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+
+
+def embeddings_to_bf16(model: GPT) -> None:
+    """Token and value embeddings in bf16 (their AdamW keeps fp32 moments): the residual stream then starts in
+    bf16 and stays there under autocast, instead of an fp32 stream whose every elementwise op and saved
+    activation costs twice the bytes; the tables' weights and gradients take half the memory. Matrices stay fp32
+    masters (autocast casts them per forward); lm_head too (the loss casts it)."""
+    model.transformer.wte.to(torch.bfloat16)
+    if model.config.value_embeds:
+        model.value_embeds.to(torch.bfloat16)
+
+
 def autocast_for(cfg: TrainConfig, device: torch.device):
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = autocast_dtype(cfg, device)
     if dtype == "float32":
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -214,6 +229,8 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         model = source_model.to(d.device)
         model.loss_layout = cfg.loss_layout
         model.init_rotary()
+    if d.device.type == "cuda" and autocast_dtype(cfg, d.device) == "bfloat16":
+        embeddings_to_bf16(model)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocabulary is "
@@ -245,7 +262,8 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         mbs = int(resume_state["micro_batches_per_step"])
 
     step_model = model
-    if should_compile(cfg, d.device):
+    compiled = should_compile(cfg, d.device)
+    if compiled:
         step_model = torch.compile(model, dynamic=False)
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -254,7 +272,7 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
                          gradient_as_bucket_view=True)
     loader = BatchLoader(stream, d.device, mcfg.vocab_size, thread=cfg.loader_thread)
     run = Run(cfg, d, tokenizer, model, step_model, optimizers, loader, train_task or render, val_tasks, mbs, num_steps,
-              max_seqs, autocast_for(cfg, d.device), source_desc, start_step, counters)
+              max_seqs, autocast_for(cfg, d.device), source_desc, compiled, start_step, counters)
     run.counters.setdefault("skipped_nonfinite", 0)
     run.counters.setdefault("skipped_oom", 0)
     run.counters.setdefault("truncated", 0)

@@ -259,6 +259,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """The run's config: the file (or the built-in default) with overrides applied, checked."""
     settings, where = read_toml(path)
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    if "name" in extra.get("model", {}):
+        # A named shape on the command line starts the model table afresh: the file's n_layer, n_embd, ... would
+        # otherwise override the shape that was asked for.
+        settings = {k: v for k, v in settings.items() if k != "model"}
     if extra:
         where += " + command-line overrides"
     return build_config(merge(settings, extra), where)

@@ -256,7 +256,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes, one micro-batch each, gives the losses of one process that takes the same
     two rank shares as two micro-batches of each step."""
-    args = [DATA, *TINY, "--num_iterations=3", "--target_examples_per_step=24", "--loader_thread=false"]
+    args = [DATA, *TINY, "--num_iterations=3", "--target_examples_per_step=8", "--loader_thread=false", "--val_data="]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
