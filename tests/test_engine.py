@@ -59,13 +59,17 @@ def test_calculator_never_raises_on_odd_input():
 
 
 def uncached_greedy(model, tokenizer, prompt, max_new_tokens):
-    """Reference decoding: the whole sequence through the model each step, no cache; same stop and tool rules."""
+    """Reference decoding: the whole sequence through the model each step, no cache; same stop and tool rules.
+    The input is right-padded to one fixed length (a causal model's logits at t ignore later tokens), so the CPU
+    backend does not build kernels for a new shape every step."""
     special = tokenizer.encode_special
     stops = {special("<|assistant_end|>"), tokenizer.bos_id}
     ids, out, forced, python = list(prompt), [], [], None
+    width = len(prompt) + max_new_tokens
     while len(out) < max_new_tokens:
         with torch.no_grad():
-            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            padded = torch.tensor([ids + [0] * (width - len(ids))])
+            token = int(model(padded)[0, len(ids) - 1].argmax())
         if forced:
             token = forced.pop(0)
         ids.append(token)
