@@ -187,6 +187,7 @@ class Generation:
     tokens: list[int]
     text: str  # the answer text: ordinary tokens decoded, the special tokens left out
     stopped: bool  # ended with <|assistant_end|> or <|bos|> within the budget
+    finished: bool = False  # ended with <|assistant_end|>: the reply closed as trained (what stop_rate counts)
     tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (expression, tool output)
 
     @property
@@ -214,7 +215,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.tool = tool
         special = tokenizer.encode_special
-        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
+        self.assistant_end = special("<|assistant_end|>")
+        self.stop_ids = {self.assistant_end, tokenizer.bos_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.special_ids = {special(name) for name in SPECIAL_TOKENS}
@@ -324,5 +326,6 @@ class Engine:
             elif output is not None:
                 output.append(token)
         return Generation(tokens=list(tokens), text=text, stopped=stopped,
+                          finished=stopped and tokens[-1] == self.assistant_end,
                           tool_calls=[(expr, out if out is not None else "") for expr, out in calls])
 

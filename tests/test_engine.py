@@ -159,6 +159,7 @@ def test_rows_stop_at_end_tokens(stop):
     gen = Engine(model, tok).generate_batch([tok.bos_id] * 5, num_samples=3, max_new_tokens=50)
     for g in gen:
         assert g.stopped and g.tokens[-1] == stop_id and g.text == "#### 3"
+        assert g.finished == (stop == "<|assistant_end|>")
 
 
 def test_budget_ends_a_row_that_never_stops():

@@ -162,6 +162,10 @@ def test_generative_metrics_of_a_scripted_model():
     assert metrics["calc/multi_turn_accuracy"] == pytest.approx(0.8) and metrics["calc/problems"] == 5
     assert metrics["chatcore"] == pytest.approx(0.8)
 
+    bos_ends = ScriptedModel(tool_script(tok)[:-1] + [tok.bos_id], tok.vocab_size, 0)
+    metrics = evaluate_model(bos_ends, tok, {"calc": task}, max_new_tokens=100, max_problems=2)
+    assert metrics["calc/stop_rate"] == 0.0 and metrics["calc/accuracy"] == 1.0  # <|bos|> ends, but not cleanly
+
     never_stops = ScriptedModel(tool_script(tok, stop=False), tok.vocab_size, 0)
     metrics = evaluate_model(never_stops, tok, {"calc": task}, max_new_tokens=40, max_problems=2)
     assert metrics["calc/stop_rate"] == 0.0 and metrics["calc/mean_answer_tokens"] == 40

@@ -16,7 +16,7 @@ The interface the training driver and `fastsft eval` call:
   1/letters for categorical, 0 for generative), NAME/problems, NAME/seconds, NAME/multi_turn_accuracy (the task's
   problem asked third in a 3-turn conversation, after two other problems with their reference answers; first 50
   problems), and for generative tasks NAME/stop_rate (share of generations ending with <|assistant_end|> within
-  the budget), NAME/mean_answer_tokens, NAME/pass@k when num_samples = k > 1. "chatcore": the mean of the
+  the budget; <|bos|> ends a generation but does not count), NAME/mean_answer_tokens, NAME/pass@k when num_samples = k > 1. "chatcore": the mean of the
   centered accuracies (nanochat's ChatCORE form).
 - max_problems: evenly spaced problems over each task (all when None). Under torch.distributed (initialized) the
   problems are strided over ranks and the counts all-reduced, so every rank returns the same dict.

@@ -67,7 +67,7 @@ def _evaluate_task(model, tokenizer, engine, task, name, indices, mt_indices, *,
             sums["score"] += pass_at_k(num_samples, c, 1)
             sums["pass_k"] += float(c > 0)
             sums["generations"] += len(result.generations)
-            sums["stopped"] += sum(g.stopped for g in result.generations)
+            sums["stopped"] += sum(g.finished for g in result.generations)
             sums["answer_tokens"] += sum(g.num_tokens for g in result.generations)
         mt_results = generate_and_score(engine, task, mt_conversations, seeds=mt_indices,
                                         names=[f"{name} row {i} (3-turn)" for i in mt_indices],
@@ -109,6 +109,9 @@ def evaluate_model(model, tokenizer, tasks, *, max_problems=None, max_new_tokens
                          f"{num_samples}, {max_new_tokens}, {batch_size}")
     if max_problems is not None and max_problems < 1:
         raise ValueError(f"evaluate_model: max_problems must be None or >= 1, got {max_problems}")
+    if num_samples > 1 and temperature == 0.0:
+        logger.warning("evaluate_model: %d samples at temperature 0 are identical; pass@%d equals pass@1",
+                       num_samples, num_samples)
     tasks = resolve_tasks(tasks)
     # The eager module under DDP / torch.compile wrappers: ranks run different numbers of forwards here (no DDP
     # buffer sync may wait for the others), and prompt shapes change every call (a compiled graph would recompile).
