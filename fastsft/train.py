@@ -193,10 +193,11 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     distr.barrier(d)
-    if cfg.attention:
-        from fastsft.attention import set_backend
+    from fastsft.attention import select_backend, set_backend
 
+    if cfg.attention:
         set_backend(cfg.attention)
+    select_backend(d.device.type)  # chosen (and logged) once, before compiling: tracing then only reads it
 
     train_task = None if rendered else load_mixture(cfg.data, seed=cfg.seed,
                                                    on_error="skip" if cfg.skip_bad_rows else "error")

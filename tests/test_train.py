@@ -34,6 +34,20 @@ def reference_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """One tokenizer for every run of this module, so runs compared with each other share their vocabulary."""
+    from fastsft.data.base import conversation_text
+    from fastsft.data.spec import load_mixture
+    from fastsft.tokenizer import Tokenizer
+
+    task = load_mixture(DATA.removeprefix("--data="))
+    texts = [t for i in range(len(task)) for t in conversation_text(task[i])]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    Tokenizer.train_from_iterator(texts, 300).save(path)
+    return path
+
+
 def tiny_config(tmp_path, *extra):
     return load_config(None, [f"--out_dir={tmp_path}", DATA, *TINY, *extra])
 
@@ -208,8 +222,8 @@ def _run_until_sigterm(tmp_path, monkeypatch, after_steps):
     monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
-def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
-    args = ("--num_iterations=6", "--target_examples_per_step=40")
+def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch, tokenizer_file):
+    args = ("--num_iterations=6", "--target_examples_per_step=40", f"--tokenizer={tokenizer_file}")
     full = train_mod.run_training(tiny_config(tmp_path / "full", *args))
     assert full["finished"]
     real_step = train_mod.train_step
@@ -253,10 +267,11 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, tokenizer_file):
     """torchrun with 2 gloo processes, one micro-batch each, gives the losses of one process that takes the same
     two rank shares as two micro-batches of each step."""
-    args = [DATA, *TINY, "--num_iterations=3", "--target_examples_per_step=8", "--loader_thread=false", "--val_data="]
+    args = [DATA, *TINY, "--num_iterations=3", "--target_examples_per_step=8", "--loader_thread=false", "--val_data=",
+            f"--tokenizer={tokenizer_file}"]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -268,7 +283,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
 
-    cfg = load_config(None, [f"--out_dir={tmp_path / 'one'}", *args, f"--tokenizer={out / 'tokenizer.json'}"])
+    cfg = load_config(None, [f"--out_dir={tmp_path / 'one'}", *args])
     run = train_mod.build_run(cfg)
     streams = []
     for rank in range(2):
