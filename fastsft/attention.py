@@ -227,6 +227,22 @@ def _covered(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (torch.arange(num_tokens, device=cu_seqlens.device) < cu_seqlens[-1])[:, None, None]
 
 
+class _ZeroTailGrad(torch.autograd.Function):
+    """Identity forward; the backward zeroes the gradient rows of tokens in no segment. torch's varlen_attn (FA2)
+    leaves dq / dk / dv of those rows uninitialized (NaN and 1e37 seen on an H200), which would reach the weight
+    gradients through the projections; guarding q, k and v before the kernel keeps its contract: zeros there."""
+
+    @staticmethod
+    def forward(ctx, x, cu_seqlens):
+        ctx.save_for_backward(cu_seqlens)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cu_seqlens,) = ctx.saved_tensors
+        return torch.where(_covered(cu_seqlens, grad.shape[0]), grad, 0), None
+
+
 @functools.cache
 def _zero_tail_kernel():
     import triton
@@ -469,6 +485,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if op_kernels is not None:
         y, _lse = varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen, window, name)  # zeroes the tail itself
         return y.to(out_dtype)
+    if name in _GPU_ONLY and torch.is_grad_enabled():
+        q, k, v = (_ZeroTailGrad.apply(t, cu_seqlens) for t in (q, k, v))
     y = _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, window)
     if name in _GPU_ONLY:
         # Kernels leave tokens past the last segment (unused tail of the stream) uninitialized; a NaN there would

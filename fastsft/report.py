@@ -8,42 +8,40 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _plot(out: Path, name: str, series: list[tuple], ylabel: str) -> str:
+    """One PNG of (label, xs, ys, style) lines against the step."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, style, label=label, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plots(out: Path, history: list[dict], evals: list[dict]) -> list[str]:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         return []
-    made = []
-    steps = [r["step"] for r in history if r["loss"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in history if r["loss"] is not None], label="train loss", lw=1)
+    trained = [r for r in history if r["loss"] is not None]
+    loss = [("train loss", [r["step"] for r in trained], [r["loss"] for r in trained], "-")]
     val = [(e["step"], e["val_loss"]) for e in evals if "val_loss" in e]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per supervised token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    made.append("loss.png")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["tokens_per_s"] for r in history], label="real tokens/s", lw=1)
-    ax.plot([r["step"] for r in history], [r["supervised_tokens_per_s"] for r in history], label="supervised tokens/s",
-            lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens per second")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-    made.append("throughput.png")
-    return made
+        loss.append(("validation loss", [s for s, _ in val], [v for _, v in val], "o-"))
+    steps = [r["step"] for r in history]
+    speed = [("real tokens/s", steps, [r["tokens_per_s"] for r in history], "-"),
+             ("supervised tokens/s", steps, [r["supervised_tokens_per_s"] for r in history], "-")]
+    return [_plot(out, "loss.png", loss, "loss (nats per supervised token)"),
+            _plot(out, "throughput.png", speed, "tokens per second")]
 
 
 def _fmt(v) -> str:

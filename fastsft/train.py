@@ -35,6 +35,7 @@ from fastsft.data.base import DataError
 from fastsft.data.spec import load_mixture
 from fastsft.model import GPT, GPTConfig
 from fastsft.optim import build_optimizers
+from fastsft.profiling import StepProfiler
 from fastsft.train_config import TrainConfig, load_config
 from fastsft.train_eval import answer_accuracy, answer_samples, held_out_streams, validation_loss
 
@@ -68,6 +69,7 @@ class Run:
     compiled: bool = False
     start_step: int = 0
     counters: dict = field(default_factory=dict)
+    profiler: StepProfiler = field(default_factory=lambda: StepProfiler(".", steps=0))  # NVTX ranges; --profile
 
 
 def build_tokenizer(cfg: TrainConfig, task, d: distr.Dist, source_tokenizer=None):
@@ -279,6 +281,7 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
     run.counters.setdefault("truncated", 0)
     run.counters.setdefault("conversations", 0)
     run.tok_desc, run.per_micro_batch = tok_desc, per_mb
+    run.profiler = StepProfiler(out_dir, steps=cfg.profile)
     return run
 
 
@@ -318,7 +321,8 @@ def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tenso
         sync = contextlib.nullcontext() if (last or not d.active) else run.step_model.no_sync()
         with sync:
             try:
-                loss_sum, _ = forward_loss(run.step_model, batch, run.autocast)
+                with run.profiler.range("forward"):
+                    loss_sum, _ = forward_loss(run.step_model, batch, run.autocast)
             except torch.OutOfMemoryError:
                 if d.active:
                     raise  # ranks would fall out of step; a multi-process OOM ends the run
@@ -327,7 +331,8 @@ def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tenso
                 logger.warning("out of memory in the forward of a micro-batch: skipped it")
                 continue
             try:
-                (loss_sum * scale).backward()
+                with run.profiler.range("backward"):
+                    (loss_sum * scale).backward()
             except torch.OutOfMemoryError:
                 if d.active:
                     raise
@@ -454,13 +459,15 @@ def optimizer_step(run: Run, step: int, warn=logger.warning) -> tuple[float, flo
 
     Returns (the step's loss, or nan when it was skipped; the learning-rate multiplier; its micro-batches)."""
     lrm = apply_schedule(run, step)
-    micro_batches = [run.loader.get() for _ in range(run.micro_batches_per_step)]
+    with run.profiler.range("data"):
+        micro_batches = [run.loader.get() for _ in range(run.micro_batches_per_step)]
     try:
         total, count = train_step(run, micro_batches)
         loss = float((distr.all_reduce_sum(total.reshape(1), run.dist) / count).item())  # the one read
         if math.isfinite(loss):
-            clip(run)
-            run.optimizers.step()
+            with run.profiler.range("optimizer"):
+                clip(run)
+                run.optimizers.step()
         else:
             run.counters["skipped_nonfinite"] += 1
             warn(f"step {step + 1}: non-finite loss, step skipped (gradients dropped)")
@@ -484,17 +491,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
     if run.start_step == 0 and (val_streams or cfg.eval_metrics):
         log.eval(0, evaluate(run, val_streams, full=True), before=True)
     run.last_data_state = run.loader.stream.state_dict()
-    profiler = start_profiler(run)
     step = run.start_step
     recompiles_at_first = None
     try:
-        with StopSignal() as stop:
+        with StopSignal() as stop, run.profiler:
             while step < run.num_steps:
                 t0 = time.perf_counter()
                 loss, lrm, micro_batches = optimizer_step(run, step, log.warn)
                 step += 1
-                if profiler is not None:
-                    profiler.step()
+                run.profiler.step()
                 run.counters["conversations"] += sum(b.num_conversations for b in micro_batches)
                 run.counters["truncated"] += sum(b.num_truncated for b in micro_batches)
                 if recompiles_at_first is None:
@@ -512,8 +517,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
                     break
     finally:
         run.loader.close()
-        if profiler is not None:
-            profiler.finish()
     run.counters["recompiles"] = compiled_graphs() - recompiles_at_first if recompiles_at_first is not None else 0
     finished = step == run.num_steps
     after = evaluate(run, val_streams, full=True) if finished and (val_streams or cfg.eval_metrics) else {}
@@ -536,17 +539,6 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def start_profiler(run: Run):
-    if run.cfg.profile <= 0:
-        return None
-    try:
-        from fastsft.profiling import StepProfiler
-    except ImportError:
-        logger.warning("profile is set but fastsft.profiling is not available in this version")
-        return None
-    return StepProfiler(Path(run.cfg.out_dir), steps=run.cfg.profile)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from fastsft.model import GPT, GPTConfig
 from fastsft.tokenizer import Tokenizer
+from helpers import random_model
 
 CORPUS = [
     "Mia has 12 apples. She gets 7 more. How many apples does Mia have now? 12+7 = 19 #### 19",
@@ -28,19 +29,7 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> GPT:
     """A tiny 2026-architecture GPT with every parameter random and non-zero (no feature silently a no-op)."""
     base = dict(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                 short_window=8, window_pattern="SL")
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**base, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "resid_lambdas":
-                p.uniform_(0.7, 1.3)
-            elif name in ("x0_lambdas", "smear_lambda", "backout_lambda"):
-                p.uniform_(0.2, 0.6)
-            elif "wte" in name or "value_embeds" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[-1] ** 0.5)
-    return model.eval()
+    return random_model(GPTConfig(**{**base, **overrides}), seed)
 
 
 class ScriptedModel(nn.Module):

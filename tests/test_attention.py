@@ -337,3 +337,18 @@ def test_zero_tail_kernel_zeroes_exactly_the_rows_past_the_last_segment(shape, f
     assert attention._zero_tail_triton(x, cu) is x
     assert torch.equal(x[:first], before[:first])
     assert torch.equal(x[first:], torch.zeros_like(x[first:]))
+
+
+def test_tail_gradient_guard_zeroes_rows_of_no_segment():
+    """torch varlen (FA2) leaves the gradients of tokens past cu_seqlens[-1] uninitialized on the GPU; the guard in
+    front of it must turn whatever arrives there into zeros and pass the covered rows through unchanged."""
+    from fastsft.attention import _ZeroTailGrad
+
+    cu = torch.tensor([0, 3, 5, 5], dtype=torch.int32)
+    x = torch.randn(7, 2, 4, requires_grad=True)
+    y = _ZeroTailGrad.apply(x, cu)
+    assert torch.equal(y, x)
+    incoming = torch.randn(7, 2, 4)
+    incoming[5:] = float("nan")
+    y.backward(incoming)
+    assert torch.equal(x.grad[:5], incoming[:5]) and torch.equal(x.grad[5:], torch.zeros(2, 2, 4))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fastsft.checkpoint import load_nanochat
 from fastsft.model import GPT, GPTConfig, KVCache, segment_starts
+from helpers import random_model
 
 # Tolerances of the fixtures' README: the seed era cached RoPE cos/sin in bf16, we compute them in fp32.
 FIXTURE_TOLERANCE = {"seed": 1e-2, "master": 1e-4}
@@ -16,23 +17,6 @@ def tiny_config(**overrides):
     base = dict(sequence_len=64, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, short_window=5,
                 window_pattern="SL")
     return GPTConfig(**{**base, **overrides})
-
-
-def random_model(config, seed=0):
-    """A model whose every parameter is random and non-zero, so no feature is silently a no-op."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in ("resid_lambdas",):
-                p.uniform_(0.7, 1.3)
-            elif name in ("x0_lambdas", "smear_lambda", "backout_lambda"):
-                p.uniform_(0.2, 0.6)
-            elif "wte" in name or "value_embeds" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.5 / p.shape[-1] ** 0.5)
-    return model.eval()
 
 
 def pack(conversations, row_len, pad_entries=3):

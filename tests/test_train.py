@@ -320,3 +320,30 @@ def test_dry_run_goes_through_the_same_config(capsys):
                  "--seq-len", "96"]) == 0
     out = capsys.readouterr().out
     assert "(2, 96) int64" in out and "nothing was trained" in out
+
+
+@pytest.mark.slow
+def test_embedded_default_learns(tmp_path):
+    """The README's main command, shortened (fewer steps and problems): chance before, a real gain after."""
+    from fastsft.cli import main
+
+    out = tmp_path / "default"
+    assert main(["train", f"--out_dir={out}", "--num_iterations=120", "--answer_accuracy_problems=30",
+                 "--eval_every=0", "--eval_max_problems=6", "--samples=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["answer_accuracy"] == 0.0 and before["chatcore"] == 0.0
+    assert after["answer_accuracy/synthetic:arithmetic@test"] >= 0.5, after
+    assert after["answer_accuracy"] >= before["answer_accuracy"] + 0.2, after
+    assert after["val_loss"] < 0.3 * before["val_loss"]
+    assert summary["recompiles"] == 0 and summary["skipped_nonfinite"] == 0
+    assert (out / "report.md").read_text().count("| answer_accuracy |") == 1
+
+
+def test_profile_writes_a_trace_and_a_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train_mod.run_training(tiny_config(out, "--num_iterations=4", "--profile=2", "--val_data="))
+    assert summary["finished"]
+    assert (out / "profile_trace.json").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "matmul" in printed and "optimizer" in printed
