@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh check step train eval
 #   check: the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   step:  bench/step.py at d12 (32x2048) and d20 (16x2048) beside nanochat's step (needs .peer/)
-#   train: fastsft train --config d20.toml (a few hundred steps, random init, synthetic chat data)
+#   train: nanochat's d20 step (with .peer/), then fastsft train --config d20.toml (300 steps, random init, synthetic chat)
 #   eval:  bench/gpu_eval.py (MMLU / ARC-Easy problems per second of a d20-size model)
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
 # attention tests fail, the step and train parts pin torch's varlen attention instead, and say so.
@@ -37,6 +37,9 @@ for part in "$@"; do
       done
       ;;
     train)
+      if [ -f .peer/nanochat_sft_bench.py ]; then  # the peer's d20 step in the same command, for the side-by-side
+        python3 .peer/nanochat_sft_bench.py --depth 20 --batch 16 2>&1 | tee "$out/peer_d20.log" | tail -5
+      fi
       python3 -m fastsft.train --config d20.toml --out_dir=/tmp/d20 --log_every=25 2>&1 | tee "$out/d20_train.log" \
         | grep -v "^  " | tail -40
       cp /tmp/d20/summary.json /tmp/d20/metrics.jsonl /tmp/d20/report.md "$out/" 2>/dev/null
