@@ -74,5 +74,8 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group together: a rank that tears down while rank 0 still writes its report can leave
+    rank 0 hanging in its own teardown (seen with gloo on torch 2.13), so all ranks meet at a barrier first."""
     if d.active and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

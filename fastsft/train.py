@@ -509,10 +509,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
                 if cfg.eval_every and step % cfg.eval_every == 0 and not last and val_streams:
                     full = bool(cfg.eval_metrics_every) and step % cfg.eval_metrics_every == 0
                     log.eval(step, evaluate(run, val_streams, full=full))
-                if stop.received is not None or last or (cfg.save_every and step % cfg.save_every == 0):
+                stopping = stop_requested(stop, d)
+                if stopping or last or (cfg.save_every and step % cfg.save_every == 0):
                     save_checkpoint(run, step)
-                if stop.received is not None:
-                    log.warn(f"stopped by {signal.Signals(stop.received).name} after step {step}; checkpoint in "
+                if stopping:
+                    name = signal.Signals(stop.received).name if stop.received else "a signal to another rank"
+                    log.warn(f"stopped by {name} after step {step}; checkpoint in "
                              f"{Path(cfg.out_dir) / CHECKPOINT_DIR}, continue with --resume")
                     break
     finally:
@@ -527,6 +529,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
     summary = log.finish(step, after, samples, finished)
     distr.shutdown(d)
     return summary
+
+
+def stop_requested(stop: StopSignal, d: distr.Dist) -> bool:
+    """Whether any rank received a stop signal: ranks must checkpoint after the same step (the save gathers every
+    rank's data position), so under DDP the flag is summed over ranks, one tiny all-reduce per step."""
+    if not d.active:
+        return stop.received is not None
+    flag = torch.tensor([float(stop.received is not None)], device=d.device)
+    return bool(distr.all_reduce_sum(flag, d).item() > 0)
 
 
 def clip(run: Run) -> None:

@@ -19,6 +19,7 @@ from fastsft import train as train_mod
 from fastsft.batches import DeviceBatch, PackedStream, RenderedSource, to_device
 from fastsft.distributed import Dist
 from fastsft.model import GPT, GPTConfig
+from fastsft.profiling import StepProfiler
 from fastsft.train_config import ConfigError, load_config
 
 TINY = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=2", "--model.n_kv_head=2", "--seq_len=128",
@@ -86,7 +87,7 @@ def _batches(source, rows, seq_len, per_batch):
 
 def _grads_after_step(model, micro_batches):
     run = SimpleNamespace(dist=Dist(), step_model=model, autocast=train_mod.contextlib.nullcontext,
-                          counters={"skipped_oom": 0})
+                          counters={"skipped_oom": 0}, profiler=StepProfiler(".", steps=0))
     model.zero_grad(set_to_none=True)
     total, count = train_mod.train_step(run, micro_batches)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, float(total / count)
