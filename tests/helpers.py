@@ -2,7 +2,22 @@
 
 import torch
 
+from fastsft.data import Task
 from fastsft.model import GPT
+
+
+class ListTask(Task):
+    """A task over conversations given as a list, for tests that plant a bad row at a known position."""
+
+    def __init__(self, name: str, conversations: list):
+        super().__init__()
+        self.name, self.conversations = name, conversations
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
 
 
 def random_model(config, seed=0):

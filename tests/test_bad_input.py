@@ -81,22 +81,16 @@ def test_invalid_utf8_in_a_json_document_names_the_row(tmp_path):
 
 def test_lone_surrogate_from_any_task_names_the_conversation():
     # Rows that bypass file reading (a Python task) still meet the tokenizer's check, named by task and position.
-    from fastsft.data import Task
+    from helpers import ListTask
 
-    class Surrogates(Task):
-        name = "py-task"
-
-        def num_examples(self):
-            return 10
-
-        def get_example(self, index):
-            text = "bad \udc80" if index == 7 else "fine"
-            return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]}
+    texts = ["bad \udc80" if i == 7 else "fine" for i in range(10)]
+    surrogates = ListTask("py-task", [{"messages": [{"role": "user", "content": "q"},
+                                                    {"role": "assistant", "content": t}]} for t in texts])
 
     tokenizer = Tokenizer.train_from_iterator(["fine q"] * 5, 300)
     with pytest.raises(DataError, match=r"py-task: conversation 7: a text is not valid Unicode \(lone surrogate "
                                         r"U\+DC80 at character 4\)"):
-        list(PackedBatchStream(Surrogates(), tokenizer, rows=2, seq_len=32))
+        list(PackedBatchStream(surrogates, tokenizer, rows=2, seq_len=32))
     with pytest.raises(TextEncodingError, match=r"text 1: not valid Unicode"):
         tokenizer.encode_batch(["ok", "x\ud800"])
 

@@ -112,20 +112,14 @@ def test_dry_run_without_supervised_targets_is_an_error(tmp_path, capsys):
 
 
 def test_a_bad_conversation_is_named_by_task_and_position(tokenizer):
-    from fastsft.data import Task
+    from helpers import ListTask
+
     from fastsft.data.base import DataError
 
-    class OneBadRow(Task):
-        name = "one-bad-row"
-
-        def num_examples(self):
-            return 30
-
-        def get_example(self, index):
-            first = "assistant" if index == 23 else "user"
-            return {"messages": [{"role": first, "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-
-    stream = PackedBatchStream(OneBadRow(), tokenizer, rows=2, seq_len=64, render_chunk=8)
+    firsts = ["assistant" if i == 23 else "user" for i in range(30)]
+    one_bad_row = ListTask("one-bad-row", [{"messages": [{"role": f, "content": "hi"},
+                                                         {"role": "assistant", "content": "yo"}]} for f in firsts])
+    stream = PackedBatchStream(one_bad_row, tokenizer, rows=2, seq_len=64, render_chunk=8)
     with pytest.raises(DataError, match=r"one-bad-row: conversation 23: message 0: expected role 'user'"):
         list(stream)
 
