@@ -70,6 +70,9 @@ class Run:
     start_step: int = 0
     counters: dict = field(default_factory=dict)
     profiler: StepProfiler = field(default_factory=lambda: StepProfiler(".", steps=0))  # NVTX ranges; --profile
+    tok_desc: str = ""
+    per_micro_batch: dict = field(default_factory=dict)  # measured conversations / tokens / supervised per micro-batch
+    last_data_state: dict = field(default_factory=dict)  # data position after the last consumed micro-batch
 
 
 def build_tokenizer(cfg: TrainConfig, task, d: distr.Dist, source_tokenizer=None):
@@ -99,8 +102,6 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     fields.setdefault("sequence_len", cfg.seq_len)
     fields.setdefault("vocab_size", vocab_size)
     if name is not None:
-        if not hasattr(GPTConfig, "from_name"):
-            raise ValueError(f"model.name = {name!r}: this version has no named model shapes")
         return GPTConfig.from_name(name, **fields)
     return GPTConfig.from_dict(fields)
 
@@ -154,11 +155,8 @@ def segment_budget_for(cfg: TrainConfig, render) -> int:
 
     if cfg.max_seqs_per_row > 0:
         return cfg.device_batch_size * cfg.max_seqs_per_row
-    if hasattr(packing, "segment_budget"):
-        sample = render(list(range(min(len(render), 2048))))
-        return packing.segment_budget(np.array([len(ids) for ids, _ in sample]), cfg.device_batch_size,
-                                      cfg.seq_len)
-    return packing.default_max_seqs(cfg.device_batch_size, cfg.seq_len)
+    sample = render(list(range(min(len(render), 2048))))
+    return packing.segment_budget(np.array([len(ids) for ids, _ in sample]), cfg.device_batch_size, cfg.seq_len)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> str:
@@ -444,11 +442,8 @@ def evaluate(run: Run, val_streams: dict, full: bool) -> dict:
 
 
 def task_metrics(run: Run) -> dict:
-    try:
-        from fastsft.eval import evaluate_model
-    except ImportError:
-        logger.warning("eval_metrics is set but fastsft.eval is not available in this version")
-        return {}
+    from fastsft.eval import evaluate_model
+
     with run.autocast():
         return evaluate_model(run.model, run.tokenizer, run.cfg.eval_metrics, max_problems=run.cfg.eval_max_problems,
                               device=run.dist.device)
