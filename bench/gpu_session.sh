@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
-#   bash bench/gpu_session.sh check step train eval
-#   check: the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
-#   step:  bench/step.py at d12 (32x2048) and d20 (16x2048) beside nanochat's step (needs .peer/)
-#   train: nanochat's d20 step (with .peer/), then fastsft train --config d20.toml (300 steps, random init, synthetic chat)
-#   eval:  bench/gpu_eval.py (MMLU / ARC-Easy problems per second of a d20-size model)
+#   bash bench/gpu_session.sh check step20 step12 micro micro12 budget train peerprof12 eval
+#   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
+#   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
+#            by kernel family), the memory split, and the seed recipe
+#   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12)
+#   micro:   the d20 step as 4 micro-batches of 4 rows (fastsft side only): the memory the step needs at the
+#            cost it has; micro12: the d12 step as 2 micro-batches of 16
+#   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
+#   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
+#            (300 steps, random init, synthetic chat)
+#   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
+#   eval:    bench/gpu_eval.py (MMLU / ARC-Easy problems per second of a d20-size model)
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
-# attention tests fail, the step and train parts pin torch's varlen attention instead, and say so.
+# attention tests fail, the later parts pin torch's varlen attention instead, and say so.
 # Logs and JSON rows go to $OUT (or /tmp/fastsft-gpu); short tables are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,31 +25,50 @@ if ! python3 -c "import fastsft._C" 2>/dev/null; then
 fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "from fastsft.attention import available_backends; print('attention backends:', available_backends('cuda'))"
+short() { grep -v "^  .* ms  x\|UserWarning\|_warn_once\|exe_args" | tail -"$1"; }
+peer_d20_ran=
 for part in "$@"; do
-  echo "== $part"
+  echo "== $part $(date -u +%H:%M:%S)"
   case $part in
     check)
       python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -12
       if grep -q "flash_attn_4.*FAILED\|FAILED.*flash_attn_4" "$out/gpu_tests.log"; then
-        echo "flash_attn_4 failed its tests: the step and train parts use torch_varlen"
+        echo "flash_attn_4 failed its tests: the later parts use torch_varlen"
         export FASTSFT_ATTENTION=torch_varlen
       fi
       python3 bench/gpu_attention.py --json "$out/attention.json" 2>&1 | tee "$out/attention.log" | tail -30
       ;;
-    step)
-      for shape in "12 32" "20 16"; do
-        read -r depth batch <<<"$shape"
-        python3 bench/step.py --depth "$depth" --batch "$batch" --peer --json "$out/step.jsonl" 2>&1 \
-          | tee "$out/step_d$depth.log" | tail -6
-      done
+    step20)
+      timeout 400 python3 bench/step.py --depth 20 --batch 16 --peer --profile 3 --seed-recipe \
+        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20.log" | short 26
+      peer_d20_ran=1
+      ;;
+    step12)
+      timeout 300 python3 bench/step.py --depth 12 --batch 32 --peer --profile 3 --no-peer-profile \
+        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d12.log" | short 18
+      ;;
+    micro)
+      timeout 200 python3 bench/step.py --depth 20 --batch 16 --micro-batch 4 --json "$out/step.jsonl" 2>&1 \
+        | tee "$out/step_d20_mb4.log" | short 4
+      ;;
+    micro12)
+      timeout 200 python3 bench/step.py --depth 12 --batch 32 --micro-batch 16 --json "$out/step.jsonl" 2>&1 \
+        | tee "$out/step_d12_mb16.log" | short 4
+      ;;
+    budget)
+      timeout 200 python3 bench/step.py --depth 20 --batch 16 --override=--activation_memory_budget=0.5 \
+        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20_budget.log" | short 4
       ;;
     train)
-      if [ -f .peer/nanochat_sft_bench.py ]; then  # the peer's d20 step in the same command, for the side-by-side
+      if [ -z "$peer_d20_ran" ] && [ -f .peer/nanochat_sft_bench.py ]; then  # the side-by-side, same command
         python3 .peer/nanochat_sft_bench.py --depth 20 --batch 16 2>&1 | tee "$out/peer_d20.log" | tail -5
       fi
       python3 -m fastsft.train --config d20.toml --out_dir=/tmp/d20 --log_every=25 2>&1 | tee "$out/d20_train.log" \
         | grep -v "^  " | tail -40
       cp /tmp/d20/summary.json /tmp/d20/metrics.jsonl /tmp/d20/report.md "$out/" 2>/dev/null
+      ;;
+    peerprof12)
+      timeout 200 python3 bench/peer_profile.py --depth 12 --batch 32 2>&1 | tee "$out/peer_profile_d12.log" | short 12
       ;;
     eval)
       python3 bench/gpu_eval.py --json "$out/eval.json" 2>&1 | tee "$out/eval.log" | tail -15
@@ -50,3 +76,4 @@ for part in "$@"; do
     *) echo "unknown part $part" ;;
   esac
 done
+echo "== done $(date -u +%H:%M:%S)"

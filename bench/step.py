@@ -2,6 +2,7 @@
 
     python bench/step.py --depth 12 --batch 32 [--peer]      # d12, 32 x 2048
     python bench/step.py --depth 20 --batch 16 [--peer]      # d20, 16 x 2048
+    python bench/step.py --depth 20 --batch 16 --micro-batch 4 --profile 3 --peer   # 4 micro-batches, profiled
 
 fastsft side: `fastsft.train.build_run` + `optimizer_step`, the code `fastsft train` runs (compiled model, packed
 rows from the C++ packer on the loader thread, fused linear cross-entropy, fused AdamW + Muon), over
@@ -10,6 +11,9 @@ that depth with full-length attention on every layer (window_pattern "L", as the
 Peer side (--peer, needs `.peer/` as ../shared/peer/README.md says): `.peer/nanochat_sft_bench.py` in a
 subprocess on the same GPU, same conversations and seed. Prints step time, real and supervised tokens/s,
 conversations/s, MFU on useful FLOPs, peak memory, and the ratios; `--json FILE` appends the rows.
+Memory is split into what lives between steps (weights, optimizer state) and what one micro-batch's forward keeps
+for its backward (activations): the two numbers behind the memory-scaling table. `--profile N` adds both sides'
+GPU time per step by kernel family (fastsft.profiling; the peer through bench/peer_profile.py).
 """
 
 from __future__ import annotations
@@ -42,23 +46,28 @@ def synth_source(n: int, seq_len: int):
 
 
 def fastsft_step(args) -> dict:
-    from fastsft.train import build_run, optimizer_step
+    from fastsft.train import build_run, frozen_heap, optimizer_step
     from fastsft.train_config import load_config
 
     overrides = [f"--out_dir={args.out}", f"--model.name=d{args.depth}", f"--model.window_pattern={args.window}",
-                 f"--seq_len={args.seq}", f"--device_batch_size={args.batch}",
+                 f"--seq_len={args.seq}", f"--device_batch_size={args.micro_batch or args.batch}",
                  f"--target_tokens_per_step={args.batch * args.seq}", "--target_examples_per_step=0",
-                 f"--num_iterations={args.warmup + args.steps}", f"--loss_layout={args.loss_layout}",
+                 f"--num_iterations={args.warmup + args.steps + args.profile + 2}", f"--loss_layout={args.loss_layout}",
                  f"--max_seqs_per_row={args.max_seqs_per_row}", "--init_lr_frac=1.0", "--eval_every=0",
                  "--answer_accuracy=false", "--samples=0", "--data=synthetic:spell"] + args.override
     cfg = load_config(None, overrides)
     tokenizer = SimpleNamespace(vocab_size=SYNTH_VOCAB, bos_id=SYNTH_VOCAB - 9)
     run = build_run(cfg, rendered=(synth_source(20000, args.seq), tokenizer))
-    if run.micro_batches_per_step != 1:
-        raise SystemExit(f"expected one micro-batch per step, got {run.micro_batches_per_step}")
+    micro = args.micro_batch or args.batch
+    if args.batch % micro or run.micro_batches_per_step != args.batch // micro:
+        raise SystemExit(f"expected {args.batch} // {micro} micro-batches per step, got {run.micro_batches_per_step}")
     torch.cuda.reset_peak_memory_stats()
     times, real, supervised, convs, flops = [], 0, 0, 0, 0.0
+    heap = frozen_heap()
+    freeze = heap.__enter__()
     for step in range(args.warmup + args.steps):
+        if step == 1:
+            freeze()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss, _, mbs = optimizer_step(run, step)
@@ -70,12 +79,42 @@ def fastsft_step(args) -> dict:
             supervised += sum(b.num_supervised for b in mbs)
             convs += sum(b.num_conversations for b in mbs)
             flops += sum(run.model.training_flops(b.lengths, b.num_supervised) for b in mbs)
+    heap.__exit__(None, None, None)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = 1000 * np.array(times)
+    print(f"fastsft step ms: median {np.median(ms):.1f}, mean {ms.mean():.1f}, min {ms.min():.1f}, max {ms.max():.1f}; "
+          f"all: {' '.join(f'{t:.0f}' for t in ms)}")
+    memory = memory_split(run)
+    if args.profile:
+        from fastsft.profiling import StepProfiler
+
+        run.profiler = StepProfiler(args.out, steps=args.profile)
+        with run.profiler:
+            for step in range(args.profile + 1):
+                optimizer_step(run, args.warmup + args.steps + step)
+                run.profiler.step()
     run.loader.close()
     total = sum(times)
-    return dict(side="fastsft", depth=args.depth, batch=args.batch, step_ms=1000 * float(np.median(times)),
-                real_tok_s=real / total, supervised_tok_s=supervised / total, convs_s=convs / total,
-                mfu=flops / total / 989e12, peak_gib=torch.cuda.max_memory_allocated() / 2**30, last_loss=loss,
-                max_seqs=run.max_seqs)
+    return dict(side="fastsft", depth=args.depth, batch=args.batch, micro_batch=micro,
+                step_ms=1000 * float(np.median(times)), real_tok_s=real / total, supervised_tok_s=supervised / total,
+                convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, last_loss=loss,
+                max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None)
+
+
+def memory_split(run) -> dict:
+    """GiB alive between steps (weights and optimizer state), and what one micro-batch's forward adds (the
+    activations kept for its backward; the loss kernel's workspace is freed by then)."""
+    from fastsft.train import forward_loss
+
+    torch.cuda.synchronize()
+    between = torch.cuda.memory_allocated()
+    batch = run.loader.get()
+    loss_sum, _ = forward_loss(run.step_model, batch, run.autocast)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - between
+    loss_sum.backward()
+    run.optimizers.zero_grad(set_to_none=True)
+    return dict(between_gib=between / 2**30, activations_gib=kept / 2**30)
 
 
 def peer_step(args) -> dict | None:
@@ -96,10 +135,34 @@ def peer_step(args) -> dict | None:
         m = re.search(pattern, text)
         return float(m.group(1).replace(",", "")) if m else float("nan")
 
-    return dict(side="nanochat", depth=args.depth, batch=args.batch, step_ms=grab(r"step ms median " + num),
+    row = dict(side="nanochat", depth=args.depth, batch=args.batch, step_ms=grab(r"step ms median " + num),
                 real_tok_s=grab(r"real tok/s " + num), supervised_tok_s=grab(r"supervised tok/s " + num),
                 convs_s=grab(r"convs/s " + num), mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100,
                 peak_gib=grab(r"peak mem " + num))
+    if args.profile and not args.no_peer_profile:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_profile.py"), "--depth", str(args.depth),
+                              "--batch", str(args.batch), "--steps", str(args.profile), "--window", args.window],
+                             capture_output=True, text=True)
+        print(out.stdout[-4000:] + out.stderr[-2000:])
+        m = re.search(r"^FAMILIES (.*)$", out.stdout, re.M)
+        if m:
+            row.update(json.loads(m.group(1)))
+    return row
+
+
+def seed_recipe(args) -> dict | None:
+    """nanochat's step fed as the seed article's collate does (each batch padded to its longest conversation,
+    eager): the baseline of the 15x goal."""
+    cmd = [sys.executable, str(PEER / "nanochat_sft_bench.py"), "--depth", str(args.depth), "--batch", "4",
+           "--seed-recipe", "--steps", str(args.steps), "--warmup", "3", "--window", args.window]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"real tok/s ([\d,\.]+)\s+supervised tok/s ([\d,\.]+)", out.stdout)
+    if out.returncode != 0 or not m:
+        print((out.stdout + out.stderr)[-3000:])
+        return None
+    peak = re.search(r"peak mem ([\d\.]+)", out.stdout)
+    return dict(side="seed recipe", depth=args.depth, batch=4, real_tok_s=float(m.group(1).replace(",", "")),
+                supervised_tok_s=float(m.group(2).replace(",", "")), peak_gib=float(peak.group(1)) if peak else None)
 
 
 def main() -> None:
@@ -112,7 +175,11 @@ def main() -> None:
     ap.add_argument("--window", default="L")
     ap.add_argument("--loss-layout", default="fast", choices=("fast", "low_memory"))
     ap.add_argument("--max-seqs-per-row", type=int, default=0, help="0 = sized to the data")
+    ap.add_argument("--micro-batch", type=int, default=0, help="rows per micro-batch (0 = --batch: one per step)")
     ap.add_argument("--peer", action="store_true", help="run nanochat's step in the same command")
+    ap.add_argument("--seed-recipe", action="store_true", help="also nanochat with the seed article's collate")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each side")
+    ap.add_argument("--no-peer-profile", action="store_true", help="with --profile: profile fastsft's side only")
     ap.add_argument("--out", default="/tmp/fastsft-step-bench")
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     ap.add_argument("--override", action="append", default=[], help="extra --key=value for the driver config")
@@ -123,6 +190,7 @@ def main() -> None:
         peer = peer_step(args)
         if peer:
             rows.append(peer)
+    seed = seed_recipe(args) if args.seed_recipe else None
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.now(timezone.utc).isoformat())
     try:
         import triton
@@ -132,18 +200,31 @@ def main() -> None:
         pass
     if args.json:
         with open(args.json, "a") as f:
-            for r in rows:
+            for r in rows + ([seed] if seed else []):
                 f.write(json.dumps({**meta, **r}) + "\n")
     print(f"\n{meta}")
-    print(f"{'side':9s} {'d':>3s} {'B':>3s} {'step ms':>8s} {'real tok/s':>11s} {'sup tok/s':>10s} {'conv/s':>7s} "
-          f"{'MFU':>6s} {'peak GiB':>8s}")
+    print(f"{'side':9s} {'d':>3s} {'B':>3s} {'mb':>3s} {'step ms':>8s} {'real tok/s':>11s} {'sup tok/s':>10s} "
+          f"{'conv/s':>7s} {'MFU':>6s} {'peak GiB':>8s} {'between':>8s} {'act/mb':>7s}")
     for r in rows:
-        print(f"{r['side']:9s} {r['depth']:3d} {r['batch']:3d} {r['step_ms']:8.1f} {r['real_tok_s']:11,.0f} "
-              f"{r['supervised_tok_s']:10,.0f} {r['convs_s']:7.1f} {100 * r['mfu']:5.1f}% {r['peak_gib']:8.1f}")
+        print(f"{r['side']:9s} {r['depth']:3d} {r['batch']:3d} {r.get('micro_batch', r['batch']):3d} "
+              f"{r['step_ms']:8.1f} {r['real_tok_s']:11,.0f} {r['supervised_tok_s']:10,.0f} {r['convs_s']:7.1f} "
+              f"{100 * r['mfu']:5.1f}% {r['peak_gib']:8.1f} {r.get('between_gib', float('nan')):8.1f} "
+              f"{r.get('activations_gib', float('nan')):7.1f}")
     if len(rows) == 2:
         f, n = rows
         print(f"ratio fastsft/nanochat d{args.depth}: real {f['real_tok_s'] / n['real_tok_s']:.2f}x, supervised "
               f"{f['supervised_tok_s'] / n['supervised_tok_s']:.2f}x, memory {f['peak_gib'] / n['peak_gib']:.2f}x")
+    if seed:
+        f = rows[0]
+        print(f"seed recipe d{args.depth} B4: real {seed['real_tok_s']:,.0f} tok/s, supervised "
+              f"{seed['supervised_tok_s']:,.0f}, peak {seed['peak_gib']} GiB; fastsft / seed recipe: real "
+              f"{f['real_tok_s'] / seed['real_tok_s']:.1f}x, supervised {f['supervised_tok_s'] / seed['supervised_tok_s']:.1f}x")
+    profiled = [r for r in rows if r.get("families")]
+    if profiled:
+        print("GPU ms per step by kernel family: " + " | ".join(r["side"] for r in profiled))
+        for family in profiled[0]["families"]:
+            print(f"  {family:12s} " + " ".join(f"{r['families'].get(family, 0.0):9.2f}" for r in profiled))
+        print(f"  {'total':12s} " + " ".join(f"{sum(r['families'].values()):9.2f}" for r in profiled))
 
 
 if __name__ == "__main__":

@@ -140,8 +140,11 @@ class StepProfiler:
         """GPU kernels by self device time (with CUDA); on the CPU, ATen ops by self CPU time. Step markers and
         our own phase ranges are annotations, not work, and are left out."""
         rows = []
+        # Annotations (record_function ranges such as "Optimizer.step#Muon.step") also show on the GPU timeline,
+        # spanning the kernels they enclose: counting them would count those kernels twice.
+        annotations = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
         for event in prof.key_averages():
-            if event.key.startswith("ProfilerStep") or event.key in self._ranges:
+            if event.key.startswith("ProfilerStep") or event.key in self._ranges or event.key in annotations:
                 continue
             if self._on_gpu:
                 if event.device_type != torch.autograd.DeviceType.CUDA:

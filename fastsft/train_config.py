@@ -63,6 +63,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     compile: str = "auto"  # auto (on for CUDA) | true | false
     loss_layout: str = "fast"  # fused linear cross-entropy layout: fast | low_memory
+    activation_memory_budget: float = 1.0  # < 1: the compiled backward recomputes to keep this share of activations
     attention: str = ""  # pin an attention backend; "" = best available
     loader_thread: bool = True  # render and pack on a background thread
     # -- evaluation, logging, checkpoints --------------------------------------------------------------------------
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ConfigError(f"num_iterations must be -1 (run num_epochs) or >= 1, got {self.num_iterations}")
         if self.target_examples_per_step == 0 and self.target_tokens_per_step == 0:
             raise ConfigError("set target_examples_per_step or target_tokens_per_step (both are 0)")
+        if not 0.0 < self.activation_memory_budget <= 1.0:
+            raise ConfigError(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
         for name in ("init_lr_frac", "warmup_ratio", "warmdown_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

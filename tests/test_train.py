@@ -134,6 +134,8 @@ def test_bad_config_key_or_value_is_named(tmp_path):
         load_config(None, ["--device_batch_size=0"])
     with pytest.raises(ConfigError, match="loss_layout must be one of"):
         load_config(None, ["--loss_layout=huge"])
+    with pytest.raises(ConfigError, match=r"activation_memory_budget must be in \(0, 1\]"):
+        load_config(None, ["--activation_memory_budget=0"])
     bad = tmp_path / "bad.toml"
     bad.write_text("seq_len = 128\nlearning_rate = 3\n")
     with pytest.raises(ConfigError, match=f"{bad}.*learning_rate"):
