@@ -37,22 +37,35 @@ SYNTH_VOCAB = 32768  # synth.py's ids: specials at the top of a 32768 vocabulary
 
 
 def synth_source(n: int, seq_len: int):
-    sys.path.insert(0, str(PEER))
-    from synth import conversations  # the peer's generator, so both sides train on the same stream
-
+    """The peer's synthetic conversations when .peer/ is there (both sides then train on the same stream), else
+    stand-ins of the same shape: 1-3 turns' worth of tokens, log-normal lengths around 900, two thirds supervised."""
     from fastsft.batches import RenderedSource
 
-    return RenderedSource(conversations(n, seed=1, max_len=seq_len))
+    if (PEER / "synth.py").is_file():
+        sys.path.insert(0, str(PEER))
+        from synth import conversations
+
+        return RenderedSource(conversations(n, seed=1, max_len=seq_len))
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(800), 0.5, n).astype(int), 16, seq_len)
+    pairs = []
+    for length in lengths:
+        ids = rng.integers(0, SYNTH_VOCAB - 9, length, dtype=np.int32)
+        ids[0] = SYNTH_VOCAB - 9  # BOS
+        pairs.append((ids, (rng.random(length) < 0.66).astype(np.uint8)))
+    return RenderedSource(pairs)
 
 
-def fastsft_step(args) -> dict:
-    from fastsft.train import build_run, frozen_heap, optimizer_step
+def build_step_run(args, extra_steps: int = 0):
+    """The driver's Run for the benchmark's shape: build_run over synth_source, one step = args.batch rows."""
+    from fastsft.train import build_run
     from fastsft.train_config import load_config
 
     overrides = [f"--out_dir={args.out}", f"--model.name=d{args.depth}", f"--model.window_pattern={args.window}",
                  f"--seq_len={args.seq}", f"--device_batch_size={args.micro_batch or args.batch}",
                  f"--target_tokens_per_step={args.batch * args.seq}", "--target_examples_per_step=0",
-                 f"--num_iterations={args.warmup + args.steps + args.profile + 2}", f"--loss_layout={args.loss_layout}",
+                 f"--num_iterations={args.warmup + args.steps + args.profile + 2 + extra_steps}",
+                 f"--loss_layout={args.loss_layout}",
                  f"--max_seqs_per_row={args.max_seqs_per_row}", "--init_lr_frac=1.0", "--eval_every=0",
                  "--answer_accuracy=false", "--samples=0", "--data=synthetic:spell"] + args.override
     cfg = load_config(None, overrides)
@@ -61,6 +74,14 @@ def fastsft_step(args) -> dict:
     micro = args.micro_batch or args.batch
     if args.batch % micro or run.micro_batches_per_step != args.batch // micro:
         raise SystemExit(f"expected {args.batch} // {micro} micro-batches per step, got {run.micro_batches_per_step}")
+    return run
+
+
+def fastsft_step(args) -> dict:
+    from fastsft.train import frozen_heap, optimizer_step
+
+    run = build_step_run(args)
+    micro = args.micro_batch or args.batch
     torch.cuda.reset_peak_memory_stats()
     times, real, supervised, convs, flops = [], 0, 0, 0, 0.0
     heap = frozen_heap()
@@ -165,7 +186,7 @@ def seed_recipe(args) -> dict | None:
                 supervised_tok_s=float(m.group(2).replace(",", "")), peak_gib=float(peak.group(1)) if peak else None)
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
@@ -183,7 +204,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/fastsft-step-bench")
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     ap.add_argument("--override", action="append", default=[], help="extra --key=value for the driver config")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     rows = [fastsft_step(args)]
     torch.cuda.empty_cache()
     if args.peer:

@@ -161,8 +161,11 @@ class DeviceBatch:
         return len(self.lengths)
 
     def model_inputs(self) -> tuple[tuple, dict]:
+        # The packer's supervised count rides along as a CPU scalar: the loss needs it on the host, and reading it
+        # from the device would stall the host until the forward is done (a Python int would recompile per value).
         return ((self.input_ids, self.targets),
-                dict(position_ids=self.position_ids, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen))
+                dict(position_ids=self.position_ids, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen,
+                     num_supervised=torch.tensor(self.num_supervised)))
 
 
 def check_vocab(packed: PackedBatch, vocab_size: int, where: str = "batch") -> None:

@@ -395,7 +395,8 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, *, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+    def forward(self, idx, targets=None, *, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None,
+                num_supervised=None):
         """Logits, or (loss_sum, n_supervised) when targets are given.
 
         idx: int64 (B, T), or the packer's (rows, T) / flattened (N,) input_ids when cu_seqlens is given.
@@ -404,6 +405,8 @@ class GPT(nn.Module):
         position_ids, cu_seqlens, max_seqlen: the packed batch (see forward_packed); without cu_seqlens each row
             of idx is one sequence starting at position 0.
         kv_cache: a KVCache: idx (B, T) continues the cached sequences; returns logits (B, T, vocab).
+        num_supervised: the count of targets != -1 when the host knows it (a 0-dim CPU tensor, so a compiled model
+            keeps one graph): the loss then never waits for the device; None counts on the device.
         Logits are fp32, softcapped, cropped to vocab_size, shaped like idx plus a vocab dim.
         """
         if idx.dtype != torch.long:
@@ -423,7 +426,7 @@ class GPT(nn.Module):
             max_seqlen = T
         elif position_ids is None:
             raise ValueError("GPT.forward: a packed batch needs position_ids along with cu_seqlens")
-        return self._forward_packed(idx, position_ids, cu_seqlens, max_seqlen, targets)
+        return self._forward_packed(idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised)
 
     def forward_packed(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, targets=None):
         """The packer's batch: input_ids / position_ids / targets (rows, T) or flattened (N,); cu_seqlens int32 over
@@ -433,7 +436,7 @@ class GPT(nn.Module):
         return self.forward(input_ids, targets, position_ids=position_ids, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen)
 
-    def _forward_packed(self, idx, position_ids, cu_seqlens, max_seqlen, targets):
+    def _forward_packed(self, idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised=None):
         if position_ids.shape != idx.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(idx.shape)}")
         if targets is not None and targets.shape != idx.shape:
@@ -463,7 +466,7 @@ class GPT(nn.Module):
         hidden = self._blocks(flat_idx, x, cos, sin, attend)  # (N, C)
         if targets is None:
             return self._logits(hidden).view(*idx.shape, -1)
-        return self.supervised_loss(hidden, targets.reshape(-1))
+        return self.supervised_loss(hidden, targets.reshape(-1), num_supervised)
 
     @torch.no_grad()
     def _forward_cached(self, idx, cache: KVCache):
@@ -519,7 +522,7 @@ class GPT(nn.Module):
         return logits
 
     @torch.compiler.disable
-    def supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
+    def supervised_loss(self, hidden: torch.Tensor, targets: torch.Tensor, num_supervised=None):
         """(loss_sum, n_supervised) over rows with targets != -1. hidden (N, C), targets (N,).
 
         The fused kernel gathers the supervised rows itself (so only they meet lm_head, and the (N, vocab) logits
@@ -536,7 +539,9 @@ class GPT(nn.Module):
             h, weight = h.to(dtype), weight.to(dtype)
         elif h.dtype != weight.dtype:
             h = h.to(weight.dtype)
-        return linear_cross_entropy(h, weight, targets, softcap=self.config.softcap, layout=self.loss_layout)
+        known = None if num_supervised is None else int(num_supervised)
+        return linear_cross_entropy(h, weight, targets, softcap=self.config.softcap, layout=self.loss_layout,
+                                    num_supervised=known)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 

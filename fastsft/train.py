@@ -274,8 +274,9 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        step_model = DDP(step_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                         gradient_as_bucket_view=True)
+        # device_ids=None: the inputs are on the device already, and with ids DDP would also move the host's
+        # supervised count (a CPU scalar, DeviceBatch.model_inputs) to the GPU, for the loss to read it back.
+        step_model = DDP(step_model, device_ids=None, gradient_as_bucket_view=True)
     loader = BatchLoader(stream, d.device, mcfg.vocab_size, thread=cfg.loader_thread)
     run = Run(cfg, d, tokenizer, model, step_model, optimizers, loader, train_task or render, val_tasks, mbs, num_steps,
               max_seqs, autocast_for(cfg, d.device), source_desc, compiled, start_step, counters)

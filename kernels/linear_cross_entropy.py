@@ -269,21 +269,28 @@ def _accumulate_dw(acc, dlogits, h, first):
         torch.addmm(acc, dlogits.t().float(), h.float(), beta=0 if first else 1, out=acc)
 
 
-def _supervised_rows(targets, vocab):
+def _supervised_rows(targets, vocab, known=-1):
     """(count of targets >= 0 as a host int, the same as a device scalar, their indices (M,) int32 or None).
 
-    The one host sync of the op. The indices are made before any output exists, so their int64 form and the masks
-    never add to the op's peak."""
+    known < 0: the count is read from the device, the op's one host sync (the host then waits for everything queued
+    before the op, a whole forward, and the GPU idles while the host launches the loss after it), and targets
+    outside [-1, vocab) raise. known >= 0: the caller's count of targets >= 0, from targets it made and checked on
+    the host (the packer's); nothing is read back. The indices are made before any output exists, so their int64
+    form and the masks never add to the op's peak."""
     valid = targets >= 0
-    counts = torch.stack([valid.sum(), ((targets < -1) | (targets >= vocab)).sum()])
-    n_sup, n_bad = counts.tolist()
-    if n_bad:
-        raise ValueError(f"linear_cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, "
-                         f"-1 = ignore)")
+    if known >= 0:
+        n_sup, count = known, valid.sum()
+    else:
+        counts = torch.stack([valid.sum(), ((targets < -1) | (targets >= vocab)).sum()])
+        n_sup, n_bad = counts.tolist()
+        if n_bad:
+            raise ValueError(f"linear_cross_entropy: {n_bad} targets outside [-1, {vocab}) (vocab size {vocab}, "
+                             f"-1 = ignore)")
+        count = counts[0].clone()
     rows = None
     if 0 < n_sup < targets.shape[0]:
         rows = torch.nonzero_static(valid, size=n_sup).squeeze(1).to(torch.int32)  # (M,) sorted
-    return n_sup, counts[0].clone(), rows
+    return n_sup, count, rows
 
 
 def _row_block(h, lse, targets, rows, r0, r1):
@@ -297,12 +304,12 @@ def _row_block(h, lse, targets, rows, r0, r1):
     return h[r0:r1], lse[r0:r1], targets, rows[r0:r1]
 
 
-def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory", tuning=None):
+def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="low_memory", tuning=None, known=-1):
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     fast = layout == "fast"
-    n_sup, n_supervised, rows = _supervised_rows(targets, vocab)
+    n_sup, n_supervised, rows = _supervised_rows(targets, vocab, known)
 
     # Outputs first: they are the workspace (module docstring). Gradients of nothing supervised are zeros.
     # Layout "fast" with a low-precision weight: dW is cast from its fp32 accumulator, and exists early only when
@@ -420,20 +427,20 @@ def _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout="lo
 
 @torch.library.custom_op("fastsft::linear_cross_entropy", mutates_args=())
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: Optional[float],
-             need_dh: bool, need_dw: bool, layout: str,
-             tuning: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout, _decode(tuning))
+             need_dh: bool, need_dw: bool, layout: str, tuning: str = "",
+             known: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(hidden, weight, targets, softcap, need_dh, need_dw, layout, _decode(tuning), known)
 
 
 @_forward.register_fake
-def _(hidden, weight, targets, softcap, need_dh, need_dw, layout, tuning=""):
+def _(hidden, weight, targets, softcap, need_dh, need_dw, layout, tuning="", known=-1):
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64),
             torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else hidden.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, need_dh, need_dw, _, _ = inputs
+    need_dh, need_dw = inputs[4], inputs[5]
     _, n, dh, dw = output
     # Kept as plain attributes, not save_for_backward, and handed over in backward: the gradients returned must have
     # no other owner, or autograd's AccumulateGrad clones them into .grad instead of taking them.
@@ -459,7 +466,7 @@ def _backward(ctx, grad_loss, _grad_n, _grad_dh, _grad_dw):
     grad_hidden = dh.mul_(grad_loss).detach() if need_dh else None
     grad_weight = dw.mul_(grad_loss).detach() if need_dw else None
     del dh, dw
-    return grad_hidden, grad_weight, None, None, None, None, None, None
+    return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
@@ -467,29 +474,32 @@ _forward.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("fastsft::linear_cross_entropy_recompute", mutates_args=())
 def _loss_recompute(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    softcap: Optional[float], layout: str, tuning: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    loss, n, _, _ = _forward_impl(hidden, weight, targets, softcap, False, False, layout, _decode(tuning))
+                    softcap: Optional[float], layout: str, tuning: str = "",
+                    known: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, n, _, _ = _forward_impl(hidden, weight, targets, softcap, False, False, layout, _decode(tuning), known)
     return loss, n
 
 
 @_loss_recompute.register_fake
-def _(hidden, weight, targets, softcap, layout, tuning=""):
+def _(hidden, weight, targets, softcap, layout, tuning="", known=-1):
     return hidden.new_empty((), dtype=torch.float32), hidden.new_empty((), dtype=torch.int64)
 
 
 def _setup_context_recompute(ctx, inputs, output):
-    hidden, weight, targets, softcap, layout, tuning = inputs
+    hidden, weight, targets, softcap, layout, tuning, known = inputs
     ctx.save_for_backward(hidden, weight, targets)
-    ctx.softcap, ctx.layout, ctx.tuning = softcap, layout, tuning
+    ctx.softcap, ctx.layout, ctx.tuning, ctx.known = softcap, layout, tuning, known
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward_recompute(ctx, grad_loss, _grad_n):
     hidden, weight, targets = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    _, _, dh, dw = _forward(hidden, weight, targets, ctx.softcap, need_dh, need_dw, ctx.layout, ctx.tuning)
+    _, _, dh, dw = _forward(hidden, weight, targets, ctx.softcap, need_dh, need_dw, ctx.layout, ctx.tuning,
+                            ctx.known)
     grad_loss = grad_loss.float()
-    return dh.mul_(grad_loss) if need_dh else None, dw.mul_(grad_loss) if need_dw else None, None, None, None, None
+    return (dh.mul_(grad_loss) if need_dh else None, dw.mul_(grad_loss) if need_dw else None, None, None, None, None,
+            None)
 
 
 _loss_recompute.register_autograd(_backward_recompute, setup_context=_setup_context_recompute)
@@ -507,16 +517,22 @@ def _reference_on_cpu(hidden, weight, targets, softcap):
 
 
 def linear_cross_entropy(hidden, weight, targets, softcap=None, *, layout="low_memory",
-                         tuning: Optional[LCETuning] = None):
+                         tuning: Optional[LCETuning] = None, num_supervised: Optional[int] = None):
     """Sum of masked token cross-entropies of logits = hidden @ weight^T, and the count of targets != -1.
 
     hidden: (N, H) bf16/fp16/fp32; weight: (V, H) same dtype; targets: (N,) int64, -1 = ignore; softcap: None or
     c > 0, applies c * tanh(x / c) to the logits. layout: "low_memory" (default) or "fast", see the module
     docstring (same results up to rounding; "fast" is ~1.5x quicker and holds an fp32 (V, H) accumulator).
     tuning: an LCETuning variant of the chunk sizes and passes (benchmarks); None: the module defaults.
+    num_supervised: the count of targets != -1 when the caller knows it on the host, having checked them there
+    (the packer's batches): the op then never waits for the device. A wrong count gives a wrong loss; None
+    counts on the device (one host sync) and checks the targets' range.
     Returns (loss_sum fp32 scalar, n_supervised int64 scalar).
     """
     _check_inputs(hidden, weight, targets, softcap)
+    known = -1 if num_supervised is None else int(num_supervised)
+    if not 0 <= known <= targets.shape[0] and num_supervised is not None:
+        raise ValueError(f"linear_cross_entropy: num_supervised must be in [0, {targets.shape[0]}], got {known}")
     if layout not in LAYOUTS:
         raise ValueError(f"linear_cross_entropy: layout must be one of {LAYOUTS}, got {layout!r}")
     softcap = None if softcap is None else float(softcap)
@@ -530,6 +546,6 @@ def linear_cross_entropy(hidden, weight, targets, softcap=None, *, layout="low_m
     if grad_in_backward is None:
         grad_in_backward = GRAD_IN_BACKWARD
     if grad_in_backward and (need_dh or need_dw):
-        return _loss_recompute(hidden, weight, targets, softcap, layout, encoded)
-    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, need_dh, need_dw, layout, encoded)
+        return _loss_recompute(hidden, weight, targets, softcap, layout, encoded, known)
+    loss, n, _dh, _dw = _forward(hidden, weight, targets, softcap, need_dh, need_dw, layout, encoded, known)
     return loss, n

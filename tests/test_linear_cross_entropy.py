@@ -521,3 +521,44 @@ def test_cpu_without_interpreter_falls_back_to_the_reference(run_without_interpr
     # reference math instead. A fresh interpreter, since the test session itself runs with the interpreter on.
     code, out, err = run_without_interpreter(CPU_FALLBACK_SCRIPT)
     assert code == 0 and out.strip() == "ok", err[-2000:]
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (item(), int(), bool() of a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ignored_fraction,layout,grad_in_backward", [
+    (0.4, "low_memory", False), (0.4, "fast", True), (0.0, "fast", False), (1.0, "low_memory", False)])
+def test_count_known_on_the_host_gives_the_same_results_without_reading_the_device(
+        monkeypatch, ignored_fraction, layout, grad_in_backward):
+    chunking(monkeypatch, 8, 64)
+    monkeypatch.setattr(lce_mod, "GRAD_IN_BACKWARD", grad_in_backward)
+    case = make_case(torch.bfloat16, ignored_fraction, seed=23)
+    want = run(linear_cross_entropy, *case, 15.0, layout=layout)
+    known = int((case[2] >= 0).sum())
+
+    def no_list(self):
+        raise AssertionError("the op read a tensor back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_list)
+    with _HostReads() as reads:
+        got = run(linear_cross_entropy, *case, 15.0, layout=layout, num_supervised=known)
+    assert reads.reads == 0
+    monkeypatch.undo()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # same kernels on the same rows: bit-identical
+    assert int(got[1]) == known
+
+
+def test_count_known_on_the_host_is_range_checked():
+    hidden, weight, targets = make_case(torch.float32, 0.5, seed=29)
+    with pytest.raises(ValueError, match="num_supervised must be in"):
+        linear_cross_entropy(hidden, weight, targets, num_supervised=N + 1)

@@ -213,10 +213,10 @@ def test_training_loss_goes_through_the_fused_kernel(monkeypatch):
 
     real = fastsft.kernels.linear_cross_entropy
 
-    def spy(hidden, weight, targets, softcap=None, layout="low_memory"):
+    def spy(hidden, weight, targets, softcap=None, layout="low_memory", num_supervised=None):
         seen.update(rows=hidden.shape[0], weight=tuple(weight.shape), softcap=softcap,
-                    supervised=int((targets >= 0).sum()), layout=layout)
-        return real(hidden, weight, targets, softcap, layout=layout)
+                    supervised=int((targets >= 0).sum()), layout=layout, known=num_supervised)
+        return real(hidden, weight, targets, softcap, layout=layout, num_supervised=num_supervised)
 
     monkeypatch.setattr(fastsft.kernels, "linear_cross_entropy", spy)
     conversations = random_conversations([10, 14], config.vocab_size, seed=8)
@@ -224,12 +224,17 @@ def test_training_loss_goes_through_the_fused_kernel(monkeypatch):
     targets = torch.full_like(input_ids, -1)
     targets[0, 2:7] = 5
     loss_sum, n = model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu)
-    assert seen == dict(rows=input_ids.numel(), weight=(97, 64), softcap=15.0, supervised=5, layout="low_memory")
+    assert seen == dict(rows=input_ids.numel(), weight=(97, 64), softcap=15.0, supervised=5, layout="low_memory",
+                        known=None)
     assert int(n) == 5 and torch.isfinite(loss_sum)
     model.loss_layout = "fast"
     fast_sum, _ = model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu)
     assert seen["layout"] == "fast"
     torch.testing.assert_close(fast_sum, loss_sum, rtol=1e-5, atol=1e-5)
+    # the host's count (a CPU scalar, as DeviceBatch.model_inputs passes it) reaches the kernel as an int
+    known_sum, _ = model(input_ids, targets, position_ids=position_ids, cu_seqlens=cu, num_supervised=torch.tensor(5))
+    assert seen["known"] == 5
+    torch.testing.assert_close(known_sum, fast_sum, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def _batches(source, rows, seq_len, per_batch):
         host = stream.next_batch()
         assert len(host.lengths) == len(chunk), "the packing of this test must place every conversation"
         out.append(to_device(host, torch.device("cpu"), vocab_size=97))
+        # the count the loss trusts instead of reading the device: the packer's, equal to the targets' own
+        assert int(out[-1].model_inputs()[1]["num_supervised"]) == int((out[-1].targets >= 0).sum()) > 0
     return out
 
 

@@ -1,0 +1,43 @@
+"""The driver's whole training step (the code `fastsft train` runs) as pytest-benchmark cases, GPU only.
+
+Same run as bench/step.py (build_run over synthetic conversations, nanochat master's shape at d12 / d20, one
+micro-batch per step); each round is one optimizer step, synchronized. The side-by-side with nanochat, the memory
+split and the profile are bench/step.py's (`bash bench/gpu_session.sh step20 step12`).
+
+    python -m pytest bench/bench_step.py --benchmark-only [--bench-rows rows.json]
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROUNDS, WARMUP = 10, 4
+
+
+@pytest.mark.parametrize("depth,rows", [(12, 32), (20, 16)])
+def test_driver_step(gpu_benchmark, benchmark, depth, rows):
+    import step as step_bench
+
+    from fastsft.train import optimizer_step
+
+    args = step_bench.parse_args(["--depth", str(depth), "--batch", str(rows), "--steps", "0", "--warmup", "0"])
+    run = step_bench.build_step_run(args, extra_steps=ROUNDS + WARMUP)
+    done = {"steps": 0, "tokens": 0, "losses": []}
+
+    def one_step():
+        loss, _, micro_batches = optimizer_step(run, done["steps"])
+        done["steps"] += 1
+        done["tokens"] += sum(b.num_tokens for b in micro_batches)
+        done["losses"].append(loss)
+
+    try:
+        gpu_benchmark(one_step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    finally:
+        run.loader.close()
+    assert done["steps"] == ROUNDS + WARMUP and all(math.isfinite(x) for x in done["losses"])
+    benchmark.extra_info.update(depth=depth, rows=rows, seq_len=args.seq, loss_first=done["losses"][0],
+                                loss_last=done["losses"][-1], tokens_per_step=done["tokens"] / done["steps"])
