@@ -17,6 +17,7 @@ One forward, three ways to call it (see GPT.forward):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -216,13 +217,33 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(*lead, -1))
 
 
+def _keep_widening_matmul(ctx, op, *args, **kwargs):
+    """Selective-recompute policy of MLP.recompute_square: keep the output of the matmul that widens (c_fc's, the
+    only one the backward needs) and recompute the rest, relu(h)^2 being the one that matters: kept, it is a second
+    (N, 4 x width) tensor per layer beside c_fc's output; recomputed, one elementwise pass in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op is torch.ops.aten.mm.default and args[1].shape[-1] > args[0].shape[-1]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.recompute_square = False  # GPT.set_recompute
 
     def forward(self, x):
+        if self.recompute_square and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+            contexts = functools.partial(create_selective_checkpoint_contexts, _keep_widening_matmul)
+            return checkpoint(self._forward, x, use_reentrant=False, context_fn=contexts)
+        return self._forward(x)
+
+    def _forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -342,6 +363,11 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     # -- setup -----------------------------------------------------------------------------------------------------
+
+    def set_recompute(self, mlp: bool) -> None:
+        """mlp: every MLP keeps only c_fc's output for its backward and recomputes relu^2 (see MLP)."""
+        for block in self.transformer.h:
+            block.mlp.recompute_square = mlp
 
     def init_rotary(self) -> None:
         """Recompute the rotary tables on the model's device (after building on the meta device)."""

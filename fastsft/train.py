@@ -231,6 +231,7 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         model = source_model.to(d.device)
         model.loss_layout = cfg.loss_layout
         model.init_rotary()
+    model.set_recompute(mlp=cfg.recompute_mlp)
     if d.device.type == "cuda" and autocast_dtype(cfg, d.device) == "bfloat16":
         embeddings_to_bf16(model)
     mcfg = model.config

@@ -64,6 +64,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false
     loss_layout: str = "fast"  # fused linear cross-entropy layout: fast | low_memory
     activation_memory_budget: float = 1.0  # < 1: the compiled backward recomputes to keep this share of activations
+    recompute_mlp: bool = False  # the MLP keeps c_fc's output only, relu^2 is recomputed in the backward
     attention: str = ""  # pin an attention backend; "" = best available
     loader_thread: bool = True  # render and pack on a background thread
     # -- evaluation, logging, checkpoints --------------------------------------------------------------------------

@@ -370,3 +370,37 @@ def test_bad_inputs_raise():
         model(idx, cu_seqlens=cu)
     with pytest.raises(ValueError, match="targets shape"):
         model(idx, idx[:, :3], position_ids=pos, cu_seqlens=cu)
+
+
+def _mlp_saved_and_grads(recompute: bool, backend):
+    """(number of (N, 4 x width) tensors kept for the backward, loss, gradients) of one compiled bf16 step."""
+    config = GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                       window_pattern="L")
+    model = random_model(config, seed=3)
+    model.set_recompute(mlp=recompute)
+    step_model = model if backend is None else torch.compile(model, backend=backend, dynamic=False)
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(4))
+    targets = ids.roll(-1, 1)
+    targets[:, :7] = -1
+    wide = []
+
+    def keep(x):
+        if tuple(x.shape) == (128, 4 * 32):
+            wide.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = step_model(ids, targets)
+    loss.backward()
+    return len(wide), loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_mlp_recompute_keeps_half_the_wide_activations_and_changes_nothing(backend):
+    kept, loss, grads = _mlp_saved_and_grads(False, backend)
+    kept_rc, loss_rc, grads_rc = _mlp_saved_and_grads(True, backend)
+    if backend is not None:  # compiled: c_fc's output and relu^2's per layer, then c_fc's only
+        assert (kept, kept_rc) == (4, 2)
+    assert torch.equal(loss, loss_rc)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_rc[name]), name
