@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
-#   bash bench/gpu_session.sh check step20 step12 micro micro12 budget train peerprof12 eval
+#   bash bench/gpu_session.sh check step20 step12 micro micro12 budget recompute train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
 #            by kernel family), the memory split, and the seed recipe
@@ -8,6 +8,7 @@
 #   micro:   the d20 step as 4 micro-batches of 4 rows (fastsft side only): the memory the step needs at the
 #            cost it has; micro12: the d12 step as 2 micro-batches of 16
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
+#   recompute: the d20 step with recompute_mlp = true (the MLP keeps c_fc's output only)
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
@@ -58,6 +59,10 @@ for part in "$@"; do
     budget)
       timeout 200 python3 bench/step.py --depth 20 --batch 16 --override=--activation_memory_budget=0.5 \
         --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20_budget.log" | short 4
+      ;;
+    recompute)
+      timeout 200 python3 bench/step.py --depth 20 --batch 16 --override=--recompute_mlp=true \
+        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20_recompute.log" | short 4
       ;;
     train)
       if [ -z "$peer_d20_ran" ] && [ -f .peer/nanochat_sft_bench.py ]; then  # the side-by-side, same command
