@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
-#   bash bench/gpu_session.sh check step20 step12 micro micro12 budget recompute train peerprof12 eval
+#   bash bench/gpu_session.sh check suite step20 step12 micro micro12 budget recompute train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
+#   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
 #            by kernel family), the memory split, and the seed recipe
 #   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12)
@@ -38,6 +39,10 @@ for part in "$@"; do
         export FASTSFT_ATTENTION=torch_varlen
       fi
       python3 bench/gpu_attention.py --json "$out/attention.json" 2>&1 | tee "$out/attention.log" | tail -30
+      ;;
+    suite)
+      python3 -m pytest -q -p no:cacheprovider bench --benchmark-only --bench-rows "$out/bench_rows.json" 2>&1 \
+        | tee "$out/bench_suite.log" | tail -40
       ;;
     step20)
       timeout 400 python3 bench/step.py --depth 20 --batch 16 --peer --profile 3 --seed-recipe \
