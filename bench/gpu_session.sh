@@ -28,6 +28,15 @@ fi
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "from fastsft.attention import available_backends; print('attention backends:', available_backends('cuda'))"
 short() { grep -v "^  .* ms  x\|UserWarning\|_warn_once\|exe_args" | tail -"$1"; }
+# One bench/step.py run: step LOG=name [TIMEOUT=s] [TAIL=lines] step.py-arguments...; rows to step.jsonl.
+step() {
+  local log="" limit=200 tail=4
+  while [[ $1 == *=* && $1 != --* ]]; do
+    case $1 in LOG=*) log=${1#LOG=} ;; TIMEOUT=*) limit=${1#TIMEOUT=} ;; TAIL=*) tail=${1#TAIL=} ;; esac
+    shift
+  done
+  timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
+}
 peer_d20_ran=
 for part in "$@"; do
   echo "== $part $(date -u +%H:%M:%S)"
@@ -44,31 +53,12 @@ for part in "$@"; do
       python3 -m pytest -q -p no:cacheprovider bench --benchmark-only --bench-rows "$out/bench_rows.json" 2>&1 \
         | tee "$out/bench_suite.log" | tail -40
       ;;
-    step20)
-      timeout 400 python3 bench/step.py --depth 20 --batch 16 --peer --profile 3 --seed-recipe \
-        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20.log" | short 26
-      peer_d20_ran=1
-      ;;
-    step12)
-      timeout 300 python3 bench/step.py --depth 12 --batch 32 --peer --profile 3 --no-peer-profile \
-        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d12.log" | short 18
-      ;;
-    micro)
-      timeout 200 python3 bench/step.py --depth 20 --batch 16 --micro-batch 4 --json "$out/step.jsonl" 2>&1 \
-        | tee "$out/step_d20_mb4.log" | short 4
-      ;;
-    micro12)
-      timeout 200 python3 bench/step.py --depth 12 --batch 32 --micro-batch 16 --json "$out/step.jsonl" 2>&1 \
-        | tee "$out/step_d12_mb16.log" | short 4
-      ;;
-    budget)
-      timeout 200 python3 bench/step.py --depth 20 --batch 16 --override=--activation_memory_budget=0.5 \
-        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20_budget.log" | short 4
-      ;;
-    recompute)
-      timeout 200 python3 bench/step.py --depth 20 --batch 16 --override=--recompute_mlp=true \
-        --json "$out/step.jsonl" 2>&1 | tee "$out/step_d20_recompute.log" | short 4
-      ;;
+    step20) step LOG=d20 TIMEOUT=400 TAIL=26 --depth 20 --batch 16 --peer --profile 3 --seed-recipe; peer_d20_ran=1 ;;
+    step12) step LOG=d12 TIMEOUT=300 TAIL=18 --depth 12 --batch 32 --peer --profile 3 --no-peer-profile ;;
+    micro) step LOG=d20_mb4 --depth 20 --batch 16 --micro-batch 4 ;;
+    micro12) step LOG=d12_mb16 --depth 12 --batch 32 --micro-batch 16 ;;
+    budget) step LOG=d20_budget --depth 20 --batch 16 --override=--activation_memory_budget=0.5 ;;
+    recompute) step LOG=d20_recompute --depth 20 --batch 16 --override=--recompute_mlp=true ;;
     train)
       if [ -z "$peer_d20_ran" ] && [ -f .peer/nanochat_sft_bench.py ]; then  # the side-by-side, same command
         python3 .peer/nanochat_sft_bench.py --depth 20 --batch 16 2>&1 | tee "$out/peer_d20.log" | tail -5

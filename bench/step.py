@@ -84,23 +84,21 @@ def fastsft_step(args) -> dict:
     micro = args.micro_batch or args.batch
     torch.cuda.reset_peak_memory_stats()
     times, real, supervised, convs, flops = [], 0, 0, 0, 0.0
-    heap = frozen_heap()
-    freeze = heap.__enter__()
-    for step in range(args.warmup + args.steps):
-        if step == 1:
-            freeze()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss, _, mbs = optimizer_step(run, step)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if step >= args.warmup:
-            times.append(dt)
-            real += sum(b.num_tokens for b in mbs)
-            supervised += sum(b.num_supervised for b in mbs)
-            convs += sum(b.num_conversations for b in mbs)
-            flops += sum(run.model.training_flops(b.lengths, b.num_supervised) for b in mbs)
-    heap.__exit__(None, None, None)
+    with frozen_heap() as freeze:
+        for step in range(args.warmup + args.steps):
+            if step == 1:
+                freeze()  # the first step's compiled code
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, _, mbs = optimizer_step(run, step)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if step >= args.warmup:
+                times.append(dt)
+                real += sum(b.num_tokens for b in mbs)
+                supervised += sum(b.num_supervised for b in mbs)
+                convs += sum(b.num_conversations for b in mbs)
+                flops += sum(run.model.training_flops(b.lengths, b.num_supervised) for b in mbs)
     peak = torch.cuda.max_memory_allocated() / 2**30
     ms = 1000 * np.array(times)
     print(f"fastsft step ms: median {np.median(ms):.1f}, mean {ms.mean():.1f}, min {ms.min():.1f}, max {ms.max():.1f}; "
@@ -138,13 +136,14 @@ def memory_split(run) -> dict:
     return dict(between_gib=between / 2**30, activations_gib=kept / 2**30)
 
 
-def peer_step(args) -> dict | None:
+def run_peer(args, batch: int, side: str, extra: tuple = ()) -> dict | None:
+    """`.peer/nanochat_sft_bench.py` in a subprocess on the same GPU and conversations; its printed numbers as a row."""
     script = PEER / "nanochat_sft_bench.py"
     if not script.is_file():
         print("peer: .peer/nanochat_sft_bench.py not found (see ../shared/peer/README.md); skipped")
         return None
-    cmd = [sys.executable, str(script), "--depth", str(args.depth), "--batch", str(args.batch), "--seq",
-           str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--window", args.window]
+    cmd = [sys.executable, str(script), "--depth", str(args.depth), "--batch", str(batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--window", args.window, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     text = out.stdout + out.stderr
     if out.returncode != 0:
@@ -156,11 +155,16 @@ def peer_step(args) -> dict | None:
         m = re.search(pattern, text)
         return float(m.group(1).replace(",", "")) if m else float("nan")
 
-    row = dict(side="nanochat", depth=args.depth, batch=args.batch, step_ms=grab(r"step ms median " + num),
+    return dict(side=side, depth=args.depth, batch=batch, step_ms=grab(r"step ms median " + num),
                 real_tok_s=grab(r"real tok/s " + num), supervised_tok_s=grab(r"supervised tok/s " + num),
                 convs_s=grab(r"convs/s " + num), mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100,
                 peak_gib=grab(r"peak mem " + num))
-    if args.profile and not args.no_peer_profile:
+
+
+def peer_step(args) -> dict | None:
+    """nanochat's step at the same shape, and (with --profile) its GPU time by family from bench/peer_profile.py."""
+    row = run_peer(args, args.batch, "nanochat")
+    if row and args.profile and not args.no_peer_profile:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_profile.py"), "--depth", str(args.depth),
                               "--batch", str(args.batch), "--steps", str(args.profile), "--window", args.window],
                              capture_output=True, text=True)
@@ -174,16 +178,7 @@ def peer_step(args) -> dict | None:
 def seed_recipe(args) -> dict | None:
     """nanochat's step fed as the seed article's collate does (each batch padded to its longest conversation,
     eager): the baseline of the 15x goal."""
-    cmd = [sys.executable, str(PEER / "nanochat_sft_bench.py"), "--depth", str(args.depth), "--batch", "4",
-           "--seed-recipe", "--steps", str(args.steps), "--warmup", "3", "--window", args.window]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    m = re.search(r"real tok/s ([\d,\.]+)\s+supervised tok/s ([\d,\.]+)", out.stdout)
-    if out.returncode != 0 or not m:
-        print((out.stdout + out.stderr)[-3000:])
-        return None
-    peak = re.search(r"peak mem ([\d\.]+)", out.stdout)
-    return dict(side="seed recipe", depth=args.depth, batch=4, real_tok_s=float(m.group(1).replace(",", "")),
-                supervised_tok_s=float(m.group(2).replace(",", "")), peak_gib=float(peak.group(1)) if peak else None)
+    return run_peer(args, 4, "seed recipe", ("--seed-recipe",))
 
 
 def parse_args(argv=None):

@@ -20,38 +20,39 @@ def run_isolated(script: str, timeout: int = 120) -> str:
     return proc.stdout
 
 
+def flatten_with_hostile_id(hostile: str, lists: str, show: str = "tokens.tolist(), offsets.tolist()") -> str:
+    """flatten_token_lists over `lists` (source) whose first id is an instance of `hostile` (the source of a class
+    Hostile whose __init__ takes the lists), in its own process; returns what `show` printed."""
+    return run_isolated("from fastsft import _C\n" + textwrap.dedent(hostile) + f"""
+lists = {lists}
+lists[0][0] = Hostile(lists)
+tokens, offsets = _C.flatten_token_lists(lists)
+print({show})
+""")
+
+
 def test_flatten_when_index_grows_a_later_list():
     # Sizes read before __index__ ran used to size the output: the grown list overflowed the heap buffer.
-    out = run_isolated("""
-        from fastsft import _C
-        class Grow:
+    out = flatten_with_hostile_id("""
+        class Hostile:
             def __init__(self, lists): self.lists = lists
             def __index__(self):
                 self.lists[1].extend([7] * 100_000)
                 return 1
-        lists = [[0, 0], [1, 2]]
-        lists[0][0] = Grow(lists)
-        tokens, offsets = _C.flatten_token_lists(lists)
-        print(tokens[:5].tolist(), len(tokens), offsets.tolist())
-    """)
+    """, "[[0, 0], [1, 2]]", show="tokens[:5].tolist(), len(tokens), offsets.tolist()")
     assert out.split("\n")[0] == "[1, 0, 1, 2, 7] 100004 [0, 2, 100004]"
 
 
 def test_flatten_when_index_empties_the_list_being_read():
     # The item pointer of the list being read went stale (freed) when __index__ emptied that very list.
-    out = run_isolated("""
-        from fastsft import _C
-        class Clear:
+    out = flatten_with_hostile_id("""
+        class Hostile:
             def __init__(self, lists): self.lists = lists
             def __index__(self):
                 del self.lists[0][:]
                 self.lists.clear()
                 return 3
-        lists = [[0] + list(range(200_000)), [5, 6]]
-        lists[0][0] = Clear(lists)
-        tokens, offsets = _C.flatten_token_lists(lists)
-        print(tokens.tolist(), offsets.tolist())
-    """)
+    """, "[[0] + list(range(200_000)), [5, 6]]")
     # The outer list was snapshotted, the span is read once: what was there when each item was reached.
     assert out.strip() == "[3, 5, 6] [0, 1, 3]"
 
@@ -59,20 +60,15 @@ def test_flatten_when_index_empties_the_list_being_read():
 def test_flatten_when_an_id_dies_and_its_finalizer_empties_the_list():
     # __index__ drops the list's reference, so the extension's hold is the last: releasing it runs __del__ (Python
     # code) after the conversion, which must not leave a stale view of the list behind.
-    out = run_isolated("""
-        from fastsft import _C
-        class Vanish:
+    out = flatten_with_hostile_id("""
+        class Hostile:
             def __init__(self, lists): self.lists = lists
             def __index__(self):
                 del self.lists[0][0]
                 return 3
             def __del__(self):
                 self.lists[0].clear()
-        lists = [[0] + list(range(200_000)), [5]]
-        lists[0][0] = Vanish(lists)
-        tokens, offsets = _C.flatten_token_lists(lists)
-        print(tokens.tolist(), offsets.tolist())
-    """)
+    """, "[[0] + list(range(200_000)), [5]]")
     assert out.strip() == "[3, 5] [0, 1, 2]"
 
 
