@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
-#   bash bench/gpu_session.sh check suite step20 step12 micro micro12 budget recompute train peerprof12 eval
+#   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget recompute train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
 #            by kernel family), the memory split, and the seed recipe
 #   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12)
+#   plain20: the d20 step alone (fastsft side only), the baseline of budget / recompute / micro in one call
 #   micro:   the d20 step as 4 micro-batches of 4 rows (fastsft side only): the memory the step needs at the
 #            cost it has; micro12: the d12 step as 2 micro-batches of 16
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
@@ -55,6 +56,7 @@ for part in "$@"; do
       ;;
     step20) step LOG=d20 TIMEOUT=400 TAIL=26 --depth 20 --batch 16 --peer --profile 3 --seed-recipe; peer_d20_ran=1 ;;
     step12) step LOG=d12 TIMEOUT=300 TAIL=18 --depth 12 --batch 32 --peer --profile 3 --no-peer-profile ;;
+    plain20) step LOG=d20_plain --depth 20 --batch 16 ;;
     micro) step LOG=d20_mb4 --depth 20 --batch 16 --micro-batch 4 ;;
     micro12) step LOG=d12_mb16 --depth 12 --batch 32 --micro-batch 16 ;;
     budget) step LOG=d20_budget --depth 20 --batch 16 --override=--activation_memory_budget=0.5 ;;
