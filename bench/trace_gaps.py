@@ -1,0 +1,94 @@
+"""Where the GPU waits: the idle gaps of a torch.profiler chrome trace and what the host was doing.
+
+    python bench/trace_gaps.py TRACE.json [--min-us 20] [--steps N]
+
+A step whose wall time exceeds its GPU kernel time has gaps on the GPU timeline. For each gap this finds the
+kernel that ended it, the host call that launched that kernel, and the CPU ops enclosing that launch. If the
+launch came after the gap began, the host was late (host-bound: the enclosing ops are the cost); if it came
+before, the GPU waited on something else (a copy, an event). Gaps are summed by the innermost enclosing op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+from collections import defaultdict
+
+GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+HOST_CATS = {"cpu_op", "user_annotation", "python_function"}
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as f:
+        data = json.load(f)
+    return [e for e in data.get("traceEvents", data) if e.get("ph") == "X" and "dur" in e]
+
+
+def enclosing(ops_by_tid: dict, tid, ts: float) -> list[str]:
+    """Names of the host ops on `tid` that contain time `ts`, outermost first."""
+    ops = ops_by_tid.get(tid, [])
+    starts = [o["ts"] for o in ops]
+    names = []
+    for o in ops[:bisect.bisect_right(starts, ts)]:
+        if o["ts"] + o["dur"] >= ts:
+            names.append(o["name"])
+    return [n for n in names if not n.startswith("ProfilerStep")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace")
+    ap.add_argument("--min-us", type=float, default=20.0, help="ignore gaps shorter than this")
+    ap.add_argument("--steps", type=int, default=0, help="divide totals by this many steps (0: count markers)")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+
+    events = load(args.trace)
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops_by_tid = defaultdict(list)
+    for e in events:
+        if e.get("cat") in HOST_CATS:
+            ops_by_tid[e["tid"]].append(e)
+    for ops in ops_by_tid.values():
+        ops.sort(key=lambda o: o["ts"])
+    steps = args.steps or max(1, sum(1 for e in events if e["name"].startswith("ProfilerStep")))
+    if not gpu:
+        raise SystemExit(f"{args.trace}: no GPU events (a CPU-only trace has no GPU gaps)")
+
+    busy = idle = 0.0
+    late, waiting = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    end = gpu[0]["ts"]
+    for e in gpu:
+        gap = e["ts"] - end
+        if gap > args.min_us:
+            idle += gap
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            if launch is None:
+                key, table = f"(no launch record) before {e['name'][:60]}", waiting
+            else:
+                stack = enclosing(ops_by_tid, launch["tid"], launch["ts"])
+                key = " > ".join(stack[-2:]) or "(no host op)"
+                table = late if launch["ts"] > end else waiting
+                if table is waiting:
+                    key = f"{key} | next: {e['name'][:50]}"
+            table[key][0] += gap
+            table[key][1] += 1
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+
+    span = end - gpu[0]["ts"]
+    print(f"{args.trace}: {steps} steps; GPU span {span / 1e3 / steps:.2f} ms/step, busy {busy / 1e3 / steps:.2f}, "
+          f"idle in gaps > {args.min_us:g} us: {idle / 1e3 / steps:.2f} ms/step")
+    for title, table in (("host late (launch after the GPU went idle), by the ops around the launch", late),
+                         ("launched in time, GPU waited on something else", waiting)):
+        total = sum(v[0] for v in table.values())
+        print(f"\n{title}: {total / 1e3 / steps:.2f} ms/step")
+        for key, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:args.top]:
+            print(f"  {us / 1e3 / steps:8.3f} ms  x{n / steps:<6.3g} {key[:150]}")
+
+
+if __name__ == "__main__":
+    main()
