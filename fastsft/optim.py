@@ -16,7 +16,8 @@ tensor in a block, or an unknown matrix outside the blocks) is an error that nam
 
 Every group carries `initial_lr` (its lr at construction) and `name` (which rule made it), for the scheduler.
 `build_optimizers` returns an `Optimizers` pair: unpack it (`adamw, muon = build_optimizers(model)`) or use it
-as one optimizer (step, zero_grad, state_dict, load_state_dict, param_groups across both).
+as one optimizer (step, zero_grad, state_dict, load_state_dict, param_groups across both); `step(skip=flag)`
+skips both updates on the device when the 0-dim flag is nonzero (a non-finite loss) without reading it back.
 """
 
 import torch
@@ -76,9 +77,12 @@ class Optimizers:
     def param_groups(self):
         return self.adamw.param_groups + self.muon.param_groups
 
-    def step(self):
-        self.adamw.step()
-        self.muon.step()
+    def step(self, *, skip=None):
+        """Both updates. `skip`: None, or a 0-dim bool / integer device tensor (e.g. ~torch.isfinite(loss)); when
+        nonzero both optimizers leave parameters and state as they were, decided on the device without a host
+        read (AdamW's step counter still advances: kernels/adamw.py)."""
+        self.adamw.step(skip=skip)
+        self.muon.step(skip=skip)
 
     def zero_grad(self, set_to_none: bool = True):
         self.adamw.zero_grad(set_to_none=set_to_none)
@@ -96,8 +100,11 @@ class Optimizers:
 
 
 def build_optimizers(model: nn.Module, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5,
-                     weight_decay=0.0, adam_betas=(0.8, 0.95)) -> Optimizers:
-    """Split `model`'s trainable parameters by name (module docstring) into AdamW and Muon groups."""
+                     weight_decay=0.0, adam_betas=(0.8, 0.95), adam_moments_dtype="fp32") -> Optimizers:
+    """Split `model`'s trainable parameters by name (module docstring) into AdamW and Muon groups.
+
+    `adam_moments_dtype` is AdamW's `moments_dtype`: "fp32" (default) or "param" (bf16 moments for bf16
+    parameters, e.g. the embedding tables on GPUs; kernels/adamw.py says what it saves and costs)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     by_kind = {}
     for name, p in named:
@@ -125,7 +132,8 @@ def build_optimizers(model: nn.Module, embedding_lr=0.2, unembedding_lr=0.004, m
     muon_groups = [dict(params=by_kind["matrix"], name="matrix", lr=matrix_lr, momentum=MUON_MOMENTUM,
                         ns_steps=MUON_NS_STEPS, weight_decay=weight_decay)]
 
-    adamw = AdamW(adam_groups, lr=embedding_lr, betas=adam_betas, eps=ADAM_EPS, weight_decay=0.0)
+    adamw = AdamW(adam_groups, lr=embedding_lr, betas=adam_betas, eps=ADAM_EPS, weight_decay=0.0,
+                  moments_dtype=adam_moments_dtype)
     muon = Muon(muon_groups, lr=matrix_lr, momentum=MUON_MOMENTUM, ns_steps=MUON_NS_STEPS, weight_decay=weight_decay)
     for opt in (adamw, muon):
         for group in opt.param_groups:

@@ -25,6 +25,11 @@ Scaling (nanochat's rule): the learning rate of an (rows, cols) matrix is lr * s
 Weight decay is nanochat's cautious decay: only where the update and the parameter agree in sign.
 Not included: nanochat's NorMuon variance reduction (factored second moment after the orthogonalization).
 
+Skipping a step on the device (`step(skip=flag)`, a 0-dim bool / integer tensor, nonzero: skip): the momentum
+kernel still fills the workspace and the orthogonalization runs on it, but the momentum buffer is not stored and
+the apply kernel's programs load the flag and write nothing, so parameters and buffers stay bit for bit. The flag
+is never read on the host (that read would be the sync it exists to avoid); adamw.py has the same flag.
+
 DDP seam: `muon_update_stacked` is the whole update of one same-shape stack as a function of its lists of
 parameters and gradients; a distributed version assigns stacks (or slices of stacks) to ranks and all-gathers.
 """
@@ -35,6 +40,7 @@ import triton.language as tl
 
 from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
                             runs_triton, table_pointers, tl_dtype)
+from .adamw import check_skip
 from .paths import REFERENCE, TRITON, record
 
 POLAR_EXPRESS_COEFFICIENTS = (
@@ -98,17 +104,27 @@ def orthogonalize_reference(G: torch.Tensor, coefficients) -> torch.Tensor:
     return X.mT if tall else X
 
 
-def muon_reference_step(params, grads, momentum_buffer, *, lr, momentum, nesterov, coefficients, weight_decay):
-    """One Muon step of a list of same-shape matrices; momentum_buffer (K, rows, cols) fp32 is updated in place."""
+def muon_reference_step(params, grads, momentum_buffer, *, lr, momentum, nesterov, coefficients, weight_decay,
+                        skip=None):
+    """One Muon step of a list of same-shape matrices; momentum_buffer (K, rows, cols) fp32 is updated in place.
+
+    `skip` (a 0-dim bool / integer tensor, nonzero: leave parameters and buffer as they were) is applied with
+    torch.where, without reading it on the host.
+    """
     rows, cols = params[0].shape
     G = torch.stack(grads).float()  # (K, rows, cols)
-    momentum_buffer.lerp_(G, 1 - momentum)
-    U = G.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    buf = momentum_buffer.lerp(G, 1 - momentum)
+    U = G.lerp(buf, momentum) if nesterov else buf
     O = orthogonalize_reference(U, coefficients).float()
-    P = torch.stack(params).float()
+    P_old = torch.stack(params)  # (K, rows, cols), the parameters' dtype
+    P = P_old.float()
     cautious = (O * P >= 0).float()
-    P = P - lr * lr_shape_scale(rows, cols) * (O + weight_decay * P * cautious)
-    torch._foreach_copy_(list(params), list(P.to(params[0].dtype).unbind(0)))
+    P = (P - lr * lr_shape_scale(rows, cols) * (O + weight_decay * P * cautious)).to(P_old.dtype)
+    if skip is not None:
+        keep = skip == 0
+        buf, P = torch.where(keep, buf, momentum_buffer), torch.where(keep, P, P_old)
+    momentum_buffer.copy_(buf)
+    torch._foreach_copy_(list(params), list(P.unbind(0)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,10 +138,12 @@ def _muon_momentum_kernel(
     buf_ptr,  # (K, numel) fp32 momentum buffers
     x_ptr,  # (K, numel) bf16 out: the update before normalization
     partial_ptr,  # (K, blocks) fp32 out: sum of X^2 over each block
+    skip_ptr,  # () bool or integer: nonzero leaves buf as it was (read only when HAS_SKIP)
     momentum,
     numel,
     GRAD_DTYPE: tl.constexpr,
     NESTEROV: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     MANUAL_ROUNDING: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -151,11 +169,18 @@ def _muon_momentum_kernel(
     x = round_to_bf16(u, MANUAL_ROUNDING)
     xf = x.to(tl.float32)  # masked lanes are 0: they add nothing to the norm
     tl.store(partial_ptr + k * tl.num_programs(0) + blk, tl.sum(xf * xf, axis=0))
+    # Skipped step: X and the norm (workspace) are still written, the momentum buffer (state) is not.
+    if HAS_SKIP:
+        store_buf = tl.load(skip_ptr) == 0
+    else:
+        store_buf = True
     if full:
-        tl.store(buf_ptr + base + offs, buf)
+        if store_buf:
+            tl.store(buf_ptr + base + offs, buf)
         tl.store(x_ptr + base + offs, x)
     else:
-        tl.store(buf_ptr + base + offs, buf, mask=mask)
+        if store_buf:
+            tl.store(buf_ptr + base + offs, buf, mask=mask)
         tl.store(x_ptr + base + offs, x, mask=mask)
 
 
@@ -163,38 +188,46 @@ def _muon_momentum_kernel(
 def _muon_apply_kernel(
     param_table_ptr,  # (K,) int64 addresses of the parameters, each numel contiguous elements
     o_ptr,  # (K, numel) bf16 orthogonalized update
+    skip_ptr,  # () bool or integer: nonzero skips the step (read only when HAS_SKIP)
     lr,  # already scaled by sqrt(max(1, rows / cols))
     weight_decay,
     numel,
     PARAM_DTYPE: tl.constexpr,
     IS_BF16: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     MANUAL_ROUNDING: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    k = tl.program_id(1).to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    base = k * numel
-    p_ptrs = table_pointers(param_table_ptr + k, offs, PARAM_DTYPE, ALIGNED, BLOCK)
-    full = (blk + 1) * BLOCK <= numel
-    mask = offs < numel
-    if full:
-        p = tl.load(p_ptrs).to(tl.float32)
-        o = tl.load(o_ptr + base + offs).to(tl.float32)
+    # A set skip flag: the program reads and writes nothing (the parameters stay bit for bit).
+    if HAS_SKIP:
+        run = tl.load(skip_ptr) == 0
     else:
-        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    decay = tl.where(o * p >= 0, weight_decay * p, 0.0)  # cautious: only where update and parameter agree
-    p = p - lr * (o + decay)
-    if IS_BF16:
-        p_out = round_to_bf16(p, MANUAL_ROUNDING)
-    else:
-        p_out = p.to(PARAM_DTYPE)
-    if full:
-        tl.store(p_ptrs, p_out)
-    else:
-        tl.store(p_ptrs, p_out, mask=mask)
+        run = True
+    if run:
+        blk = tl.program_id(0)
+        k = tl.program_id(1).to(tl.int64)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        base = k * numel
+        p_ptrs = table_pointers(param_table_ptr + k, offs, PARAM_DTYPE, ALIGNED, BLOCK)
+        full = (blk + 1) * BLOCK <= numel
+        mask = offs < numel
+        if full:
+            p = tl.load(p_ptrs).to(tl.float32)
+            o = tl.load(o_ptr + base + offs).to(tl.float32)
+        else:
+            p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(o_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        decay = tl.where(o * p >= 0, weight_decay * p, 0.0)  # cautious: only where update and parameter agree
+        p = p - lr * (o + decay)
+        if IS_BF16:
+            p_out = round_to_bf16(p, MANUAL_ROUNDING)
+        else:
+            p_out = p.to(PARAM_DTYPE)
+        if full:
+            tl.store(p_ptrs, p_out)
+        else:
+            tl.store(p_ptrs, p_out, mask=mask)
 
 
 @triton.jit
@@ -402,11 +435,12 @@ def _orthogonalize_bmm_(ws: MuonWorkspace, coefficients, scale=None) -> torch.Te
 
 
 def muon_update_stacked(params, grads, momentum_buffer, ws, *, lr, momentum, nesterov, coefficients, weight_decay,
-                        block=None, num_warps=None):
+                        block=None, num_warps=None, skip=None):
     """One Muon step of K same-shape matrices (the seam for a distributed version: a rank owns whole stacks).
 
     params, grads: lists of K contiguous (rows, cols) tensors; momentum_buffer: (K, rows, cols) fp32, updated in
-    place; ws: the stack's MuonWorkspace. Parameters are updated in place.
+    place; ws: the stack's MuonWorkspace. Parameters are updated in place. skip: None or a 0-dim bool / integer
+    tensor on the parameters' device; nonzero leaves parameters and buffer untouched (decided on the device).
     """
     K = len(params)
     rows, cols = params[0].shape
@@ -422,16 +456,17 @@ def muon_update_stacked(params, grads, momentum_buffer, ws, *, lr, momentum, nes
     param_table, params_aligned = ws.table("params", [p.data_ptr() for p in params], device)
     partial = torch.empty(K, n_blocks, dtype=torch.float32, device=device)
     _muon_momentum_kernel[(n_blocks, K)](
-        grad_table, momentum_buffer, ws.x, partial, float(momentum), numel,
-        GRAD_DTYPE=tl_dtype(grads[0].dtype, "Muon gradient"), NESTEROV=bool(nesterov), MANUAL_ROUNDING=manual,
-        ALIGNED=grads_aligned, BLOCK=block, num_warps=warps,
+        grad_table, momentum_buffer, ws.x, partial, skip if skip is not None else partial, float(momentum), numel,
+        GRAD_DTYPE=tl_dtype(grads[0].dtype, "Muon gradient"), NESTEROV=bool(nesterov), HAS_SKIP=skip is not None,
+        MANUAL_ROUNDING=manual, ALIGNED=grads_aligned, BLOCK=block, num_warps=warps,
     )
     scale = torch.reciprocal_(partial.sum(dim=1).sqrt_().mul_(NORM_SAFETY).add_(NORM_EPS))  # (K,)
     out = orthogonalize_(ws, coefficients, scale)
     _muon_apply_kernel[(n_blocks, K)](
-        param_table, out, float(lr) * lr_shape_scale(rows, cols), float(weight_decay), numel,
+        param_table, out, skip if skip is not None else out, float(lr) * lr_shape_scale(rows, cols),
+        float(weight_decay), numel,
         PARAM_DTYPE=tl_dtype(params[0].dtype, "Muon parameter"), IS_BF16=params[0].dtype == torch.bfloat16,
-        MANUAL_ROUNDING=manual, ALIGNED=params_aligned, BLOCK=block, num_warps=warps,
+        HAS_SKIP=skip is not None, MANUAL_ROUNDING=manual, ALIGNED=params_aligned, BLOCK=block, num_warps=warps,
     )
     record("muon", TRITON)
 
@@ -460,6 +495,8 @@ class Muon(torch.optim.Optimizer):
 
     State per parameter: `momentum_buffer` (fp32, a view into its stack's buffer). Hyperparameters are read from
     the group at each step (a scheduler may change lr and momentum).
+    `step(skip=flag)`: a 0-dim bool / integer tensor on the parameters' device; nonzero leaves parameters and
+    momentum buffers bit for bit as they were, decided on the device (never read on the host; module docstring).
     `block` / `num_warps` tune the elementwise CUDA kernels; `gram` ("triangle", "bmm", None = by device) picks
     who computes the symmetric products of the orthogonalization (see MuonWorkspace).
     """
@@ -485,7 +522,8 @@ class Muon(torch.optim.Optimizer):
         self._stacks = {}  # (group index, shape, dtype, device) -> _Stack
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, skip=None):
+        """One update of every parameter with a gradient; `skip` as in the class docstring."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -496,17 +534,18 @@ class Muon(torch.optim.Optimizer):
             buckets = {}
             for p in params_with_grads("Muon", gi, group):
                 buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-            for params in buckets.values():
+            for (_, _, device), params in buckets.items():
+                skip_flag = check_skip(skip, device, f"Muon group {gi}")
                 stack = self._stack(gi, params)
                 grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
                 hyper = dict(lr=float(group["lr"]), momentum=float(group["momentum"]), nesterov=group["nesterov"],
                              coefficients=coefficients, weight_decay=float(group["weight_decay"]))
                 if stack.workspace is None:  # CPU tensors without the Triton interpreter
-                    muon_reference_step(params, grads, stack.buffer, **hyper)
+                    muon_reference_step(params, grads, stack.buffer, **hyper, skip=skip_flag)
                     record("muon", REFERENCE)
                 else:
                     muon_update_stacked(params, grads, stack.buffer, stack.workspace, **hyper, block=self._block,
-                                        num_warps=self._num_warps)
+                                        num_warps=self._num_warps, skip=skip_flag)
                     stack.workspace.release()
         return loss
 

@@ -236,11 +236,11 @@ def test_changing_set_of_gradients_keeps_one_stack_per_shape():
     from fastsft.kernels import Muon
 
     g = torch.Generator().manual_seed(11)
-    params = [torch.nn.Parameter(torch.randn(13, 7, generator=g)) for _ in range(3)]
+    params = [torch.nn.Parameter(torch.randn(13, 7, generator=g).to(DEVICE)) for _ in range(3)]
     opt = Muon(params, lr=0.01)
     for step, with_grad in enumerate([(0, 1, 2), (0, 2), (1,), (0, 1, 2)]):
         for i, p in enumerate(params):
-            p.grad = torch.randn(13, 7, generator=g) if i in with_grad else None
+            p.grad = torch.randn(13, 7, generator=g).to(DEVICE) if i in with_grad else None
         before = {i: opt.state[p]["momentum_buffer"].clone() for i, p in enumerate(params) if p in opt.state}
         opt.step()
         assert_kernel_ran()

@@ -149,3 +149,44 @@ def test_combined_step_and_state_dict():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(KeyError, match="lacks"):
         fresh.load_state_dict({"adamw": state["adamw"]})
+
+
+def test_combined_step_passes_the_skip_flag_to_both():
+    """Optimizers.step(skip=flag): a set flag leaves every parameter and every state tensor of both optimizers bit
+    for bit (tests/test_optim_skip.py covers each optimizer); a clear one is the plain step."""
+    torch.manual_seed(0)
+    model, twin = FakeGPT(), FakeGPT()
+    twin.load_state_dict(model.state_dict())
+    opts, opts_twin = build_optimizers(model, weight_decay=0.1), build_optimizers(twin, weight_decay=0.1)
+
+    def grads(step):
+        for m in (model, twin):
+            g = torch.Generator().manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+
+    grads(0)
+    opts.step(skip=torch.tensor(False))
+    opts_twin.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state_before = copy.deepcopy(opts.state_dict())
+    grads(1)
+    for p in model.parameters():
+        p.grad[..., 0] = float("nan")
+    opts.step(skip=torch.tensor(True))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for part in ("adamw", "muon"):
+        for pid, state in opts.state_dict()[part]["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and name != "step":
+                    assert torch.equal(value, state_before[part]["state"][pid][name]), (part, pid, name)
+    for n, p in twin.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[n], p), n
+
+
+def test_adam_moments_dtype_reaches_adamw():
+    assert build_optimizers(FakeGPT()).adamw.moments_dtype == "fp32"
+    assert build_optimizers(FakeGPT(), adam_moments_dtype="param").adamw.moments_dtype == "param"
+    with pytest.raises(ValueError, match="moments_dtype must be one of"):
+        build_optimizers(FakeGPT(), adam_moments_dtype="bfloat16")
