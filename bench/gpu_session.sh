@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
-#   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget recompute train peerprof12 eval
+#   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
 #            by kernel family), the memory split, and the seed recipe
 #   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12)
-#   plain20: the d20 step alone (fastsft side only), the baseline of budget / recompute / micro in one call
+#   plain20: the d20 step alone (fastsft side only), the baseline of budget / keepmlp / micro in one call
 #   micro:   the d20 step as 4 micro-batches of 4 rows (fastsft side only): the memory the step needs at the
 #            cost it has; micro12: the d12 step as 2 micro-batches of 16
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
-#   recompute: the d20 step with recompute_mlp = true (the MLP keeps c_fc's output only)
+#   keepmlp: the d20 step with recompute_mlp = false (the MLP keeps relu^2's output too); keepmlp12: at d12
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
@@ -60,7 +60,8 @@ for part in "$@"; do
     micro) step LOG=d20_mb4 --depth 20 --batch 16 --micro-batch 4 ;;
     micro12) step LOG=d12_mb16 --depth 12 --batch 32 --micro-batch 16 ;;
     budget) step LOG=d20_budget --depth 20 --batch 16 --override=--activation_memory_budget=0.5 ;;
-    recompute) step LOG=d20_recompute --depth 20 --batch 16 --override=--recompute_mlp=true ;;
+    keepmlp) step LOG=d20_keepmlp --depth 20 --batch 16 --override=--recompute_mlp=false ;;
+    keepmlp12) step LOG=d12_keepmlp --depth 12 --batch 32 --override=--recompute_mlp=false ;;
     train)
       if [ -z "$peer_d20_ran" ] && [ -f .peer/nanochat_sft_bench.py ]; then  # the side-by-side, same command
         python3 .peer/nanochat_sft_bench.py --depth 20 --batch 16 2>&1 | tee "$out/peer_d20.log" | tail -5

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastsft.diagnostics import Diagnostics
+from fastsft.readback import Readback
 
 logger = logging.getLogger("fastsft.train")
 
@@ -57,6 +58,8 @@ class RunLog:
         self._wandb = self._tb = None
         self._peak = peak_flops(run.dist.device)
         self._start = time.perf_counter()
+        self._losses = Readback()  # (row, updated on the device, flops) -> the step's loss
+        self._window = [0.0, 0, 0.0]  # flops, tokens, seconds since the last printed step line
 
     # -- start ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -127,7 +130,10 @@ class RunLog:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, row["step"])
 
-    def step(self, step: int, loss: float, lrm: float, micro_batches: list, seconds: float) -> None:
+    def step(self, step: int, loss, lrm: float, micro_batches: list, seconds: float) -> None:
+        """Record a step. `loss` is a device scalar on its way to the host (or a float): its row is written when it
+        arrives (metrics.jsonl stays in step order), at once on a printed step. `seconds` is the host's time for
+        the step; with the device a step or two behind, single steps are noisy, sums over many are exact."""
         if not self.enabled:
             return
         run = self.run
@@ -137,27 +143,51 @@ class RunLog:
         flops = sum(run.model.training_flops(b.lengths, b.num_supervised) for b in micro_batches)
         mfu = flops / seconds / self._peak if self._peak else None
         lr = run.optimizers.param_groups[0]["lr"]
-        row = dict(step=step, loss=loss if math.isfinite(loss) else None, lrm=lrm, lr=lr,
+        row = dict(step=step, loss=None, lrm=lrm, lr=lr,
                    supervised_tokens=supervised * world, tokens=tokens * world,
                    conversations=sum(b.num_conversations for b in micro_batches) * world,
                    supervised_ratio=supervised / max(tokens, 1), step_time_s=seconds,
                    tokens_per_s=tokens * world / seconds, supervised_tokens_per_s=supervised * world / seconds,
                    mfu=mfu, memory_gib=memory_gib(run.dist.device))
+        self._losses.push((row, torch.is_tensor(loss), flops), loss)
+        self._drain(wait=step % run.cfg.log_every == 0 or step == run.num_steps)
+
+    def flush(self) -> None:
+        """Write every step recorded so far (waits for their losses)."""
+        if self.enabled:
+            self._drain(wait=True)
+
+    def _drain(self, wait: bool) -> None:
+        for (row, updated, flops), loss in self._losses.ready(wait):
+            self._write_step(row, float(loss), updated, flops)
+
+    def _write_step(self, row: dict, loss: float, updated: bool, flops: float) -> None:
+        run, step = self.run, row["step"]
+        if not math.isfinite(loss) and updated:  # the optimizer kernels skipped this update on the device
+            run.counters["skipped_nonfinite"] += 1
+            self.warn(f"step {step}: non-finite loss, step skipped (gradients dropped)")
+        row["loss"] = loss if math.isfinite(loss) else None
         self.history.append(row)
         self._emit(row)
-        for w in self.diagnostics.step(step, loss, supervised, tokens):
+        for w in self.diagnostics.step(step, loss, row["supervised_tokens"], row["tokens"]):
             self.warn(w)
+        self._window = [a + b for a, b in zip(self._window, (flops, row["tokens"], row["step_time_s"]))]
         if step % run.cfg.log_every == 0 or step == run.num_steps:
+            # rates over the steps since the last line: single steps' host times are noisy (see step())
+            rate = self._window[1] / self._window[2]
+            mfu = self._window[0] / self._window[2] / self._peak if self._peak else None
             mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-            self._say(f"step {step:5d}/{run.num_steps} | loss {loss:.4f} | lrm {lrm:.3f} | supervised {supervised * world:,}"
-                      f" ({100 * row['supervised_ratio']:.0f}%) | {row['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | "
-                      f"mem {row['memory_gib']:.2f} GiB")
+            self._window = [0.0, 0, 0.0]
+            self._say(f"step {step:5d}/{run.num_steps} | loss {loss:.4f} | lrm {row['lrm']:.3f} | supervised "
+                      f"{row['supervised_tokens']:,} ({100 * row['supervised_ratio']:.0f}%) | {rate:,.0f} tok/s | "
+                      f"MFU {mfu_text} | mem {row['memory_gib']:.2f} GiB")
         if self.bar is not None:
             self.bar.update(1)
 
     def eval(self, step: int, metrics: dict, before: bool = False) -> None:
         if not self.enabled or not metrics:
             return
+        self.flush()  # the training rows before the evaluation's, and the recent losses the diagnostics compare
         if before:
             self.eval_before = dict(metrics)
         row = {"step": step, "eval": True, **metrics}
@@ -173,6 +203,7 @@ class RunLog:
         if not self.enabled:
             return {"finished": finished}
         run = self.run
+        self.flush()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -181,7 +212,12 @@ class RunLog:
         for w in self.diagnostics.final(after):
             self.warn(w)
         losses = [r["loss"] for r in self.history if r["loss"] is not None]
-        steady = self.history[1:] or self.history
+        steady = self.history[1:] or self.history  # the first step compiles
+
+        def total(key):
+            return float(sum(r[key] for r in steady))
+
+        seconds = total("step_time_s")  # rates are totals over time: steps' host times are noisy one by one
         summary = dict(
             steps=step, num_steps=run.num_steps, finished=finished,
             stopped_by_signal=not finished and step < run.num_steps,
@@ -189,9 +225,10 @@ class RunLog:
             skipped_nonfinite=run.counters["skipped_nonfinite"], skipped_oom=run.counters["skipped_oom"],
             recompiles=run.counters.get("recompiles", 0), truncated_conversations=run.counters["truncated"],
             conversations=run.counters["conversations"],
-            tokens_per_s=float(np.mean([r["tokens_per_s"] for r in steady])) if steady else None,
-            supervised_tokens_per_s=float(np.mean([r["supervised_tokens_per_s"] for r in steady])) if steady else None,
-            mfu=float(np.mean([r["mfu"] for r in steady])) if steady and steady[0]["mfu"] is not None else None,
+            tokens_per_s=total("tokens") / seconds if seconds else None,
+            supervised_tokens_per_s=total("supervised_tokens") / seconds if seconds else None,
+            mfu=float(np.sum([r["mfu"] * r["step_time_s"] for r in steady])) / seconds
+            if seconds and steady[0]["mfu"] is not None else None,
             peak_memory_gib=memory_gib(run.dist.device), wall_time_s=time.perf_counter() - self._start,
             eval_before=self.eval_before, eval_after=dict(after), warnings=self.diagnostics.warnings,
             samples=samples, device=str(run.dist.device), world_size=run.dist.world,

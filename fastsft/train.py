@@ -37,6 +37,7 @@ from fastsft.data.spec import load_mixture
 from fastsft.model import GPT, GPTConfig
 from fastsft.optim import build_optimizers
 from fastsft.profiling import StepProfiler
+from fastsft.readback import Readback
 from fastsft.train_config import TrainConfig, load_config
 from fastsft.train_eval import answer_accuracy, answer_samples, held_out_streams, validation_loss
 
@@ -247,7 +248,8 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
     stream = PackedStream(render, cfg.device_batch_size, cfg.seq_len, max_seqs, tokenizer.bos_id, seed=cfg.seed,
                           rank=d.rank, world=d.world)
     optimizers = build_optimizers(model, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                                  matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay)
+                                  matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
+                                  adam_moments_dtype=cfg.adam_moments)
     for group in optimizers.param_groups:  # the seed's schedule starts every group at init_lr_frac of its rate
         group["initial_lr"] = group["lr"] = group["lr"] * cfg.init_lr_frac
 
@@ -308,17 +310,21 @@ class SkipStep(Exception):
     step's count, so that step's gradient is a little smaller, never wrong in direction."""
 
 
-def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of every micro-batch of one step; returns (this rank's summed loss, the step's
-    supervised targets on all ranks), both device scalars.
+def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Forward and backward of every micro-batch of one step; returns (this rank's summed loss, a device scalar;
+    the step's supervised targets on all ranks: a number, or under DDP a device scalar).
 
     Scales each backward by world / (supervised targets of the step on all ranks), so DDP's mean over ranks
     yields sum-of-losses / global count. Gradients accumulate locally; DDP all-reduces on the last micro-batch.
     """
     d = run.dist
-    count = torch.tensor([float(sum(b.num_supervised for b in micro_batches))], device=d.device)
-    count = distr.all_reduce_sum(count, d).clamp(min=1.0)
-    scale = d.world / count  # a device tensor: no host read
+    count = float(sum(b.num_supervised for b in micro_batches))
+    if d.active:  # the step's count on all ranks; from pinned memory (a pageable copy would wait for the stream)
+        count = torch.tensor([count], pin_memory=d.device.type == "cuda").to(d.device, non_blocking=True)
+        count = distr.all_reduce_sum(count, d).clamp(min=1.0)
+    else:
+        count = max(count, 1.0)
+    scale = d.world / count  # a number, or a device tensor under DDP: never read on the host
     total = torch.zeros((), device=d.device)
     ran = 0
     for i, batch in enumerate(micro_batches):
@@ -454,23 +460,22 @@ def task_metrics(run: Run) -> dict:
                               device=run.dist.device)
 
 
-def optimizer_step(run: Run, step: int, warn=logger.warning) -> tuple[float, float, list]:
-    """One step of the run: schedule, micro-batches, forward and backward, the guard's one read, the update.
+def optimizer_step(run: Run, step: int, warn=logger.warning) -> tuple[torch.Tensor | float, float, list]:
+    """One step of the run: schedule, micro-batches, forward and backward, the update. Reads nothing back from the
+    device: a non-finite loss skips the update inside the optimizer kernels (parameters and their state are left
+    as they were), and whoever reads the loss later counts the skip (`RunLog`).
 
-    Returns (the step's loss, or nan when it was skipped; the learning-rate multiplier; its micro-batches)."""
+    Returns (the step's mean loss as a device scalar, or nan when the step was dropped on the host: out of memory;
+    the learning-rate multiplier; its micro-batches)."""
     lrm = apply_schedule(run, step)
     with run.profiler.range("data"):
         micro_batches = [run.loader.get() for _ in range(run.micro_batches_per_step)]
     try:
         total, count = train_step(run, micro_batches)
-        loss = float((distr.all_reduce_sum(total.reshape(1), run.dist) / count).item())  # the one read
-        if math.isfinite(loss):
-            with run.profiler.range("optimizer"):
-                clip(run)
-                run.optimizers.step()
-        else:
-            run.counters["skipped_nonfinite"] += 1
-            warn(f"step {step + 1}: non-finite loss, step skipped (gradients dropped)")
+        loss = (distr.all_reduce_sum(total.reshape(1), run.dist) / count)[0]
+        with run.profiler.range("optimizer"):
+            clip(run)
+            run.optimizers.step(skip=~torch.isfinite(loss))
     except SkipStep as e:
         loss = float("nan")
         warn(f"step {step + 1}: {e}; step skipped (gradients dropped)")
@@ -507,6 +512,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
     run.last_data_state = run.loader.stream.state_dict()
     step = run.start_step
     recompiles_at_first = None
+    votes = Readback()
     try:
         with StopSignal() as stop, run.profiler, frozen_heap() as freeze:
             while step < run.num_steps:
@@ -524,8 +530,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
                 if cfg.eval_every and step % cfg.eval_every == 0 and not last and val_streams:
                     full = bool(cfg.eval_metrics_every) and step % cfg.eval_metrics_every == 0
                     log.eval(step, evaluate(run, val_streams, full=full))
-                stopping = stop_requested(stop, d)
+                stopping = stop_requested(stop, d, votes)
                 if stopping or last or (cfg.save_every and step % cfg.save_every == 0):
+                    log.flush()  # the steps' losses and skip counts, before the counters are saved
                     save_checkpoint(run, step)
                 if stopping:
                     name = signal.Signals(stop.received).name if stop.received else "a signal to another rank"
@@ -546,13 +553,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
     return summary
 
 
-def stop_requested(stop: StopSignal, d: distr.Dist) -> bool:
+def stop_requested(stop: StopSignal, d: distr.Dist, votes: Readback) -> bool:
     """Whether any rank received a stop signal: ranks must checkpoint after the same step (the save gathers every
-    rank's data position), so under DDP the flag is summed over ranks, one tiny all-reduce per step."""
+    rank's data position), so under DDP the flag is summed over ranks, one tiny all-reduce per step, and read one
+    step late (reading it at once would make the host wait for the step): every rank reads the same sum after the
+    same step."""
     if not d.active:
         return stop.received is not None
     flag = torch.tensor([float(stop.received is not None)], device=d.device)
-    return bool(distr.all_reduce_sum(flag, d).item() > 0)
+    votes.push(None, distr.all_reduce_sum(flag, d))
+    return any(total > 0 for _, total in votes.ready(wait=True, leave=1))
 
 
 def clip(run: Run) -> None:
