@@ -5,7 +5,8 @@
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
 #            by kernel family), the memory split, and the seed recipe
-#   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12)
+#   step12:  the same at d12 (32x2048), fastsft's side profiled (nanochat's: peerprof12), and where its GPU
+#            waits (bench/trace_gaps.py)
 #   plain20: the d20 step alone (fastsft side only), the baseline of budget / keepmlp / micro in one call
 #   micro:   the d20 step as 4 micro-batches of 4 rows (fastsft side only): the memory the step needs at the
 #            cost it has; micro12: the d12 step as 2 micro-batches of 16
@@ -55,7 +56,10 @@ for part in "$@"; do
         | tee "$out/bench_suite.log" | tail -40
       ;;
     step20) step LOG=d20 TIMEOUT=400 TAIL=26 --depth 20 --batch 16 --peer --profile 3 --seed-recipe; peer_d20_ran=1 ;;
-    step12) step LOG=d12 TIMEOUT=300 TAIL=18 --depth 12 --batch 32 --peer --profile 3 --no-peer-profile ;;
+    step12)
+      step LOG=d12 TIMEOUT=300 TAIL=18 --depth 12 --batch 32 --peer --profile 3 --no-peer-profile
+      python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_d12.log"
+      ;;
     plain20) step LOG=d20_plain --depth 20 --batch 16 ;;
     micro) step LOG=d20_mb4 --depth 20 --batch 16 --micro-batch 4 ;;
     micro12) step LOG=d12_mb16 --depth 12 --batch 32 --micro-batch 16 ;;
