@@ -1,7 +1,8 @@
 // Packing rendered conversations into fixed-size rows (C++ side of fastsft.packing.pack_rows).
 //
 // Two steps, both with the GIL released, both working on owned copies of their inputs (array_checks.h):
-//   pack_place: best-fit decreasing placement of whole conversations into rows of seq_len tokens.
+//   pack_place: best-fit placement of whole conversations into rows of seq_len tokens, longest first
+//               ("decreasing") or in the order given ("arrival").
 //   pack_fill:  writes input_ids / targets / position_ids / cu_seqlens for a placement.
 // They are separate so that Python can choose the default max_seqs from the number of rows the placement
 // used. The algorithm is documented in fastsft/packing.py, whose plain-Python reference must agree exactly.
@@ -55,14 +56,19 @@ void check_ids_and_mask(const Owned<int32_t>& ids, const Owned<uint8_t>& mask, c
   }
 }
 
-// Best-fit decreasing. Conversations are visited longest first (length clipped to seq_len; ties by input
-// order); each goes to the row with the least free space that still holds it (ties: lowest row index).
-// With num_rows >= 0 the rows are fixed and a conversation that fits nowhere, or that would push the
-// segment count past max_seqs (one padding segment reserved per row), is left over (row = -1). With
-// num_rows < 0 a new row is opened whenever nothing fits, which is the same rule with unlimited empty rows.
+// Best fit. order "decreasing": conversations are visited longest first (length clipped to seq_len; ties by
+// input order); order "arrival": in input order. Each goes to the row with the least free space that still
+// holds it (ties: lowest row index). With num_rows >= 0 the rows are fixed and a conversation that fits
+// nowhere, or that would push the segment count past max_seqs (one padding segment reserved per row), is left
+// over (row = -1). With num_rows < 0 a new row is opened whenever nothing fits, which is the same rule with
+// unlimited empty rows. The two orders share everything but the visiting order.
 py::tuple pack_place(const py::array& lengths_arr, const py::object& seq_len_obj, const py::object& num_rows_obj,
-                     const py::object& max_seqs_obj) {
+                     const py::object& max_seqs_obj, const std::string& order_name) {
   const char* fn = "pack_place";
+  if (order_name != "decreasing" && order_name != "arrival") {
+    throw py::value_error("pack_place: order must be \"decreasing\" or \"arrival\", got \"" + order_name + "\"");
+  }
+  const bool decreasing = order_name == "decreasing";
   const Owned<int64_t> lengths = owned_1d<int64_t>(lengths_arr, fn, "lengths");
   const int64_t n = lengths.size();
   const int64_t seq_len = int64_arg(seq_len_obj, fn, "seq_len");
@@ -95,9 +101,11 @@ py::tuple pack_place(const py::array& lengths_arr, const py::object& seq_len_obj
     py::gil_scoped_release release;
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return std::min(lengths[a], seq_len) > std::min(lengths[b], seq_len);
-    });
+    if (decreasing) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return std::min(lengths[a], seq_len) > std::min(lengths[b], seq_len);
+      });
+    }
     // (free space, row index): lower_bound({len, -1}) is the tightest row that fits, lowest index first.
     std::set<std::pair<int64_t, int64_t>> open_rows;
     std::vector<int64_t> free_space;
@@ -278,9 +286,10 @@ py::tuple pack_fill(const py::array& ids_arr, const py::array& mask_arr, const p
 
 void register_pack(py::module_& m) {
   m.def("pack_place", &pack_place, py::arg("lengths"), py::arg("seq_len"), py::arg("num_rows"),
-        py::arg("max_seqs"),
-        "Best-fit decreasing placement. lengths: int64 (N,). num_rows < 0: as many rows as needed; max_seqs < 0: "
-        "no segment budget. Returns (row, offset, placed_len, rows_used, num_segments); row -1 = left over.");
+        py::arg("max_seqs"), py::arg("order") = "decreasing",
+        "Best-fit placement. lengths: int64 (N,). num_rows < 0: as many rows as needed; max_seqs < 0: no segment "
+        "budget; order: \"decreasing\" (longest first) or \"arrival\" (input order). Returns (row, offset, "
+        "placed_len, rows_used, num_segments); row -1 = left over.");
   m.def("pack_fill", &pack_fill, py::arg("ids"), py::arg("mask"), py::arg("offsets"), py::arg("row"),
         py::arg("offset"), py::arg("placed_len"), py::arg("rows"), py::arg("seq_len"), py::arg("pad_id"),
         py::arg("max_seqs"),

@@ -3,10 +3,10 @@
 Why this file exists: the training step wants fixed-shape batches that are ready when it asks, and a resumed run
 must see exactly the batches the interrupted one would have seen. So:
 - `PackedStream` walks this rank's share of the conversations (every `world`-th of the epoch order, a new seeded
-  order each epoch after the first), renders them a chunk at a time (C++), packs best-fit into `rows` rows (C++)
-  and carries what did not fit into the next batch. Its `state_dict()` (epoch, position, waiting conversations)
-  restores the same stream; every batch carries the state after it, so a checkpoint saves the state of the last
-  batch the step consumed, not of whatever a loader thread has prepared since.
+  order each epoch after the first), renders them a chunk at a time (C++), packs best-fit into `rows` rows (C++),
+  oldest first, and carries what did not fit into the next batch. Its `state_dict()` (epoch, position, waiting
+  conversations) restores the same stream; every batch carries the state after it, so a checkpoint saves the state
+  of the last batch the step consumed, not of whatever a loader thread has prepared since.
 - `to_device` is the ONE place a `PackedBatch` becomes tensors: it checks token ids against the model's vocabulary
   on the host (an id past the vocabulary would index padded embedding rows silently on the GPU), copies through
   pinned host buffers with `non_blocking`, and keeps the host-side counts (supervised targets, real tokens,
@@ -77,20 +77,37 @@ class HostBatch:
 
 
 class PackedStream:
-    """Endless packed micro-batches of `rows` x `seq_len` over this rank's share, epoch after epoch."""
+    """Endless packed micro-batches of `rows` x `seq_len` over this rank's share, epoch after epoch.
+
+    order: the packer's placement order (fastsft.packing.PLACEMENT_ORDERS), given the pending conversations oldest
+    first; buffer: the pool size in conversations, by default POOL_DEPTH[order] times the segment budget.
+    """
+
+    POOL_DEPTH = {"arrival": 8, "decreasing": 2}  # pool / max_seqs per order; why: the comment in __init__
+    ORDER = "arrival"
 
     def __init__(self, render: Callable, rows: int, seq_len: int, max_seqs: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, buffer: int | None = None):
+                 rank: int = 0, world: int = 1, buffer: int | None = None, order: str = ORDER):
         if len(render) < world:
             raise DataError(f"{len(render)} conversations cannot be shared by {world} ranks")
+        if order not in self.POOL_DEPTH:
+            raise ValueError(f"order must be one of {tuple(self.POOL_DEPTH)}, got {order!r}")
         self.render, self.rows, self.seq_len, self.max_seqs, self.pad_id = render, rows, seq_len, max_seqs, pad_id
-        self.seed, self.rank, self.world = seed, rank, world
-        # The pool trades fill for batch composition. Best fit takes the longest first: from a pool many batches
-        # deep, batches come in runs of long, then short conversations (of a mixture: of one task, then another).
-        # 8x the segment budget filled 32 x 2048 rows of ~900-token chat to 99.9% (2x: 96.5%), but it made the
-        # embedded default's supervised share swing 40-78% from step to step and its held-out accuracy fall from
-        # 0.68 to 0.44 (bench/RESULTS.md, run 4). Hence 2x until a packer fills without sorting the stream.
-        self.buffer = buffer or max(2 * max_seqs, RENDER_CHUNK)
+        self.seed, self.rank, self.world, self.placement_order = seed, rank, world, order
+        # The pool's depth is safe only in arrival order. Best fit longest first ("decreasing") sorts the stream:
+        # it takes the longest of the pool and leaves the short ones waiting, until a batch of nothing but short
+        # ones (of a mixture: of one task) hits the segment budget. Measured over 250 batches of epoch 0 at 2x,
+        # 32 x 2048 rows of bench/step.py's ~900-token chat fill 93.6% (96.5% in the first 30 batches, single
+        # batches 42%), a conversation waits up to 198 batches, and the embedded default's batches hold 0-98% of
+        # one task (supervised share 39-79%); 8x fills 99.9% for 30 batches, then the same, and cut that run's
+        # held-out accuracy from 0.683 to 0.44 (bench/RESULTS.md, run 4). Arrival order places the oldest pending
+        # conversation first, into empty rows, so nothing waits for ever and batches draw the data's mixture
+        # (task shares and supervised share, sd 2.4 points, as in random draws, at any depth). Fill at 2x / 4x / 8x
+        # (250 batches): 97.9 / 98.1 / 98.2% at 32 x 2048, 97.9 / 97.9 / 98.1% at 16 x 2048 (whole epochs with
+        # their drain: 97.7% at 32 rows for both 4x and 8x); the longest wait grows with the pool, 7 / 11 / 19
+        # batches at 32 rows (15 / 15 / 23 at 16), and is not a cost. Hence 8x; the embedded default reached
+        # held-out accuracy 0.680 with it (0.683 decreasing at 2x; ChatCORE 0.90 against 0.83).
+        self.buffer = buffer or max(self.POOL_DEPTH[order] * max_seqs, RENDER_CHUNK)
         self.epoch, self.position = 0, 0
         self.pending: list[int] = []  # conversation indices waiting for a row, in data order
         self._rendered: dict[int, tuple] = {}
@@ -127,7 +144,7 @@ class PackedStream:
             self.position += len(chunk)
         epoch = self.epoch
         packed = pack_rows([self._rendered[i] for i in self.pending], self.seq_len, num_rows=self.rows,
-                           pad_id=self.pad_id, max_seqs=self.max_seqs)
+                           pad_id=self.pad_id, max_seqs=self.max_seqs, order=self.placement_order)
         left = set(packed.leftover.tolist())
         if len(left) == len(self.pending):
             raise RuntimeError(f"no conversation fits in {self.rows} rows of {self.seq_len} with "

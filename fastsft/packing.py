@@ -13,9 +13,13 @@ the same as one RenderedBatch (ids, mask back to back, offsets), which pack_rows
 Packing algorithm (pack_rows and pack_rows_reference, identical by construction and by test):
   1. Every conversation of length > seq_len is cut to its first seq_len tokens (counted in num_truncated when
      placed). Empty conversations are an error.
-  2. Best-fit decreasing: conversations are visited by clipped length, longest first, ties in input order
-     (a stable sort). Each goes to the row with the least free space that still holds it, ties to the lowest
-     row index. Inside a row, conversations sit in the order they were placed, back to back from offset 0.
+  2. Best fit, in one of two visiting orders (`order`): "decreasing" (best-fit decreasing) visits conversations
+     by clipped length, longest first, ties in input order (a stable sort); "arrival" visits them in input order.
+     Each goes to the row with the least free space that still holds it, ties to the lowest row index. Inside a
+     row, conversations sit in the order they were placed, back to back from offset 0. Decreasing fills rows
+     best from a given set; arrival does not sort the stream: a streaming loader that passes its pending
+     conversations oldest first always places the oldest (it is tried first, with every row empty), so none
+     waits for ever and batches keep the data order's mixture (fastsft.batches.PackedStream).
   3. num_rows=None: a new row is opened when no row has room (so rows = as many as needed). num_rows=R: exactly
      R rows; a conversation that fits in no row is left over, and so is one that would make the number of
      cu_seqlens segments exceed max_seqs, counting one padding segment for each of the R rows (conservative:
@@ -51,6 +55,7 @@ from fastsft.chat import PART_LAYOUT, ConversationError, normalize_conversation
 from fastsft.tokenizer import TextEncodingError
 
 SEGMENT_TOKENS = 32  # default budget: one segment per 32 tokens of a row, one more, and one for its padding
+PLACEMENT_ORDERS = ("decreasing", "arrival")  # pack_rows' `order`: longest first, or as given (module docstring)
 
 def default_max_seqs(rows: int, seq_len: int) -> int:
     """The default cu_seqlens budget (number of segments) for `rows` rows of `seq_len` tokens."""
@@ -254,7 +259,9 @@ def _as_flat(rendered, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids.astype(np.int32), mask.astype(np.uint8), offsets
 
 
-def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs):
+def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs, order):
+    if not isinstance(order, str) or order not in PLACEMENT_ORDERS:
+        raise ValueError(f"{where}: order must be one of {PLACEMENT_ORDERS}, got {order!r}")
     seq_len = _check_int("seq_len", seq_len, 1)
     if num_rows is not None:
         num_rows = _check_int("num_rows", num_rows, 0)
@@ -272,17 +279,19 @@ def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs):
 
 
 def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
-              max_seqs: int | None = None) -> PackedBatch:
+              max_seqs: int | None = None, order: str = "decreasing") -> PackedBatch:
     """Pack rendered conversations (RenderedBatch or (ids, mask) pairs) into rows of seq_len tokens, in C++.
 
     pad_id: the token written into padding (its targets are -1 and it is its own segment, so any id works;
-    nanochat uses BOS). See the module docstring for the algorithm and the layout.
+    nanochat uses BOS). order: "decreasing" (longest first) or "arrival" (as given), see PLACEMENT_ORDERS. See the
+    module docstring for the algorithm and the layout.
     """
     ids, mask, offsets = _as_flat(rendered, "pack_rows")
     lengths = np.diff(offsets)
-    seq_len, num_rows, pad_id, max_seqs = _check_pack_args("pack_rows", lengths, seq_len, num_rows, pad_id, max_seqs)
+    seq_len, num_rows, pad_id, max_seqs = _check_pack_args("pack_rows", lengths, seq_len, num_rows, pad_id, max_seqs,
+                                                           order)
     row, offset, placed, rows, num_segments = _C.pack_place(
-        lengths, seq_len, -1 if num_rows is None else num_rows, -1 if max_seqs is None else max_seqs
+        lengths, seq_len, -1 if num_rows is None else num_rows, -1 if max_seqs is None else max_seqs, order
     )
     if max_seqs is None:
         max_seqs = default_max_seqs(rows, seq_len)
@@ -306,9 +315,11 @@ def pack_rows(rendered, seq_len: int, num_rows: int | None = None, pad_id: int =
     )
 
 
-def _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs):
+def _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs, order):
     """pack_rows_reference's own checks: (ids list, mask list) per conversation and the checked arguments."""
     where = "pack_rows_reference"
+    if not isinstance(order, str) or order not in ("decreasing", "arrival"):
+        raise ValueError(f"{where}: order must be one of ('decreasing', 'arrival'), got {order!r}")
 
     def integer(name, value, minimum):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -363,21 +374,25 @@ def _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs):
 
 
 def pack_rows_reference(rendered, seq_len: int, num_rows: int | None = None, pad_id: int = 0,
-                        max_seqs: int | None = None) -> PackedBatch:
+                        max_seqs: int | None = None, order: str = "decreasing") -> PackedBatch:
     """The plain-Python definition of pack_rows (per-token loops; slow on purpose, for tests and benchmarks).
 
     Its input checks are its own plain-Python code (_reference_inputs), not the helpers of the C++ path, so that a
     check missing from one path shows up as a difference in the tests.
     """
-    convs, seq_len, num_rows, pad_id, max_seqs = _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs)
+    convs, seq_len, num_rows, pad_id, max_seqs = _reference_inputs(rendered, seq_len, num_rows, pad_id, max_seqs,
+                                                                   order)
     lengths = [min(len(conv_ids), seq_len) for conv_ids, _ in convs]
 
-    # Placement: best-fit decreasing (see the module docstring).
-    order = sorted(range(len(convs)), key=lambda i: -lengths[i])
+    # Placement: best fit, longest first or in input order (see the module docstring).
+    if order == "decreasing":
+        visit = sorted(range(len(convs)), key=lambda i: -lengths[i])
+    else:
+        visit = list(range(len(convs)))
     free = [seq_len] * num_rows if num_rows is not None else []
     placement = [(-1, -1, 0)] * len(convs)
     num_placed = 0
-    for i in order:
+    for i in visit:
         length = lengths[i]
         if num_rows is not None and num_placed + 1 + num_rows > max_seqs:
             continue

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastsft import _C
-from fastsft.packing import RenderedBatch, default_max_seqs, pack_rows, pack_rows_reference, render_batch_flat
+from fastsft.batches import PackedStream, RenderedSource
+from fastsft.packing import (PLACEMENT_ORDERS, RenderedBatch, default_max_seqs, pack_rows, pack_rows_reference,
+                             render_batch_flat, segment_budget)
 from fastsft.tokenizer import Tokenizer
 
 FIELDS = ("input_ids", "targets", "position_ids", "cu_seqlens", "max_seqlen", "num_seqs", "num_supervised",
@@ -106,16 +108,38 @@ def check_invariants(rendered, packed, seq_len, num_rows=None, pad_id=0, max_seq
     assert packed.num_truncated == sum(1 for i in np.flatnonzero(placed) if len(rendered[i][0]) > seq_len)
 
 
+@pytest.mark.parametrize("order", PLACEMENT_ORDERS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("seq_len,num_rows", [(37, None), (64, 5), (128, None), (50, 1)])
-def test_pack_invariants_and_reference(seed, seq_len, num_rows):
+def test_pack_invariants_and_reference(seed, seq_len, num_rows, order):
     rng = np.random.default_rng(seed * 100 + seq_len)
     rendered = random_rendered(rng, int(rng.integers(1, 40)), max_len=int(seq_len * 1.5))
-    max_seqs = 200
-    packed = pack_rows(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs)
-    check_invariants(rendered, packed, seq_len, num_rows, pad_id=7, max_seqs=max_seqs)
-    assert_same(packed, pack_rows_reference(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs))
-    assert_same(packed, pack_rows(rendered, seq_len, num_rows=num_rows, pad_id=7, max_seqs=max_seqs))
+    kw = dict(num_rows=num_rows, pad_id=7, max_seqs=200, order=order)
+    packed = pack_rows(rendered, seq_len, **kw)
+    check_invariants(rendered, packed, seq_len, num_rows, pad_id=7, max_seqs=200)
+    assert_same(packed, pack_rows_reference(rendered, seq_len, **kw))
+    assert_same(packed, pack_rows(rendered, seq_len, **kw))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seq_len,num_rows,budget", [(61, 3, None), (509, 7, "tight"), (97, 1, "tight"),
+                                                     (33, None, None), (255, 13, "roomy")])
+def test_arrival_order_matches_reference_at_odd_sizes(seed, seq_len, num_rows, budget):
+    # Pools of up to 150 conversations, a few longer than the row (truncated), under a segment budget that binds
+    # ("tight": about two conversations per row), does not ("roomy", and as many rows as needed), or the default.
+    rng = np.random.default_rng(seed * 1000 + seq_len)
+    rows = num_rows or 1
+    rendered = random_rendered(rng, int(rng.integers(5 * rows, 150)), max_len=int(seq_len * 1.25))
+    max_seqs = {None: None, "tight": rows + 2 * rows + int(rng.integers(0, 3)), "roomy": 40 * rows}[budget]
+    if num_rows is None:
+        max_seqs = 2 * len(rendered) + 1
+    packed = pack_rows(rendered, seq_len, num_rows=num_rows, pad_id=3, max_seqs=max_seqs, order="arrival")
+    check_invariants(rendered, packed, seq_len, num_rows, pad_id=3, max_seqs=max_seqs)
+    assert_same(packed, pack_rows_reference(rendered, seq_len, num_rows=num_rows, pad_id=3, max_seqs=max_seqs,
+                                            order="arrival"))
+    if num_rows is not None and budget == "tight":
+        # More conversations than the budget admits: some are left over.
+        assert packed.num_seqs <= max_seqs and len(packed.leftover) > 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -125,20 +149,21 @@ def test_pack_invariants_and_reference(seed, seq_len, num_rows):
     num_rows=st.one_of(st.none(), st.integers(min_value=0, max_value=6)),
     extra_seqs=st.one_of(st.none(), st.integers(min_value=0, max_value=40)),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
+    order=st.sampled_from(PLACEMENT_ORDERS),
 )
-def test_pack_matches_reference_hypothesis(lengths, seq_len, num_rows, extra_seqs, seed):
+def test_pack_matches_reference_hypothesis(lengths, seq_len, num_rows, extra_seqs, seed, order):
     rng = np.random.default_rng(seed)
     rendered = [(rng.integers(1, 1000, size=n).astype(np.int32), rng.integers(0, 2, size=n).astype(np.uint8))
                 for n in lengths]
     # A budget from tight (forces left-overs / errors) to roomy; None = the default.
     max_seqs = None if extra_seqs is None else (num_rows or 0) + extra_seqs
     try:
-        expected = pack_rows_reference(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+        expected = pack_rows_reference(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs, order=order)
     except ValueError as error:
         with pytest.raises(ValueError, match=re.escape(str(error).split(":")[1][:20])):
-            pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+            pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs, order=order)
         return
-    packed = pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs)
+    packed = pack_rows(rendered, seq_len, num_rows=num_rows, max_seqs=max_seqs, order=order)
     assert_same(packed, expected)
     check_invariants(rendered, packed, seq_len, num_rows, max_seqs=max_seqs)
 
@@ -159,6 +184,36 @@ def test_best_fit_decreasing_by_hand():
     tight = pack_rows(rendered, 8, num_rows=2, max_seqs=4)
     assert tight.leftover.tolist() == [0, 2, 3]
     assert tight.cu_seqlens.tolist() == [0, 6, 8, 13, 16]
+
+
+def test_best_fit_in_arrival_order_by_hand():
+    # The same lengths 3, 5, 4, 2, 6 into rows of 8, visited as given: 3 -> row 0 (5 free), 5 -> row 0 (fits
+    # exactly: the tightest), 4 -> row 1 (4 free), 2 -> row 1 (2 free), 6 -> row 2 (2 free).
+    rendered = [(np.arange(1, n + 1, dtype=np.int32), np.ones(n, dtype=np.uint8)) for n in (3, 5, 4, 2, 6)]
+    packed = pack_rows(rendered, 8, max_seqs=10, order="arrival")
+    assert packed.placement.tolist() == [[0, 0, 3], [0, 3, 5], [1, 0, 4], [1, 4, 2], [2, 0, 6]]
+    assert packed.cu_seqlens.tolist() == [0, 3, 8, 12, 14, 16, 22, 24, 24, 24, 24]
+    assert packed.num_seqs == 7 and packed.num_tokens == 20 and packed.efficiency == 20 / 24
+    # Two fixed rows: 6 is left over (4 would have been, longest first); the rows are fuller than decreasing's.
+    fixed = pack_rows(rendered, 8, num_rows=2, max_seqs=10, order="arrival")
+    assert fixed.leftover.tolist() == [4] and fixed.efficiency == 14 / 16
+    # A segment budget of 4 (one padding segment reserved per row) admits the first two conversations.
+    tight = pack_rows(rendered, 8, num_rows=2, max_seqs=4, order="arrival")
+    assert tight.leftover.tolist() == [2, 3, 4] and tight.placement[:2].tolist() == [[0, 0, 3], [0, 3, 5]]
+    # Longer than the row: cut to seq_len and placed in an empty row, wherever it stands in line.
+    long = rendered[:2] + [(np.arange(1, 12, dtype=np.int32), np.ones(11, dtype=np.uint8))]
+    cut = pack_rows(long, 8, num_rows=2, max_seqs=10, order="arrival")
+    assert cut.placement.tolist() == [[0, 0, 3], [0, 3, 5], [1, 0, 8]] and cut.num_truncated == 1
+
+
+@pytest.mark.parametrize("pack", [pack_rows, pack_rows_reference])
+def test_unknown_order_is_an_error(pack):
+    with pytest.raises(ValueError, match=r"order must be one of \('decreasing', 'arrival'\), got 'sideways'"):
+        pack([_pair()], 8, order="sideways")
+    with pytest.raises(ValueError, match="order must be one of"):
+        pack([_pair()], 8, order=None)
+    with pytest.raises(ValueError, match='pack_place: order must be "decreasing" or "arrival", got "Arrival"'):
+        _C.pack_place(np.array([3, 4], dtype=np.int64), 8, -1, -1, "Arrival")
 
 
 def test_truncation_is_counted_not_dropped():
@@ -186,6 +241,86 @@ def test_leftovers_carry_over_to_the_next_batch():
         seen += placed
         pending = [pending[k] for k in packed.leftover]
     assert sorted(seen) == list(range(len(rendered)))
+
+
+def two_task_stream(n: int, seq_len: int, seed: int = 0) -> tuple[RenderedSource, np.ndarray]:
+    """n conversations of two interleaved tasks: short and mostly supervised (task 0), or long (log-normal, one in
+    ten cut at seq_len + 1 as TaskRenderer cuts) and a third supervised (task 1)."""
+    rng = np.random.default_rng(seed)
+    task = (rng.random(n) < 0.5).astype(np.int64)
+    pairs = []
+    for t in task:
+        length = (int(rng.integers(8, 40)) if t == 0 else
+                  int(min(seq_len + 1, max(8, rng.lognormal(np.log(0.4 * seq_len), 0.7)))))
+        mask = (rng.random(length) < (0.8 if t == 0 else 0.33)).astype(np.uint8)
+        pairs.append((rng.integers(1, 1000, size=length).astype(np.int32), mask))
+    return RenderedSource(pairs), task
+
+
+class RenderLog:
+    """A PackedStream's render callable that notes, per conversation, the batch during which it joined the pool."""
+
+    def __init__(self, source):
+        self.source, self.batch, self.joined = source, 0, {}
+
+    def __len__(self):
+        return len(self.source)
+
+    def __call__(self, indices):
+        self.joined.update((int(i), self.batch) for i in indices)
+        return self.source(indices)
+
+
+def stream_epoch(order: str, rows: int = 4, seq_len: int = 256, n: int = 2500) -> dict:
+    """One epoch of PackedStream at its default pool for `order`: waits, fills, supervised shares, task shares."""
+    source, task = two_task_stream(n, seq_len)
+    log = RenderLog(source)
+    max_seqs = segment_budget([len(ids) for ids, _ in source.pairs[:512]], rows, seq_len)
+    stream = PackedStream(log, rows, seq_len, max_seqs, pad_id=0, order=order)
+    waits, fills, supervised, shares, oldest_placed, pool_sizes = {}, [], [], [], [], []
+    while True:
+        log.batch += 1
+        pending = list(stream.pending)
+        batch = stream.next_batch()
+        if batch.epoch > 0:
+            break
+        pool = pending + [i for i in log.joined if log.joined[i] == log.batch]  # data order, oldest first
+        left = set(stream.pending)
+        placed = [i for i in pool if i not in left]
+        assert len(placed) == len(batch.lengths) and not set(placed) & set(waits)
+        waits.update((i, log.batch - log.joined[i]) for i in placed)
+        oldest_placed.append(pool[0] not in left)
+        pool_sizes.append(len(pool))
+        fills.append(batch.packed.efficiency)
+        supervised.append(batch.packed.num_supervised / batch.packed.num_tokens)
+        shares.append(float(np.mean(task[placed] == 0)))
+    assert sorted(waits) == list(range(n)), "every conversation of the epoch is placed exactly once"
+    # The pool's depth in batches: conversations in it over conversations placed per batch, both averaged; by
+    # Little's law also the mean wait, whatever the order.
+    depth = float(np.mean(pool_sizes)) / (n / len(fills))
+    return dict(max_wait=max(waits.values()), depth=depth, fill=float(np.mean(fills[:-3])),
+                supervised_sd=float(np.std(supervised)), share_sd=float(np.std(shares)),
+                oldest_always_placed=all(oldest_placed), batches=len(fills))
+
+
+def test_arrival_stream_places_the_oldest_first_and_bounds_every_wait():
+    # Over a whole epoch of a two-task stream (the drain at its end included): in arrival order the oldest pending
+    # conversation is placed in every batch, so no conversation waits much longer than the pool is deep (in
+    # batches), and every batch draws both tasks about as the data does. Longest first (the old default) leaves
+    # the short ones waiting and hands out runs of one task. The fill is reported (pytest -s).
+    arrival, decreasing = stream_epoch("arrival"), stream_epoch("decreasing")
+    for name, r in (("arrival", arrival), ("decreasing", decreasing)):
+        print(f"\n{name}: {r['batches']} batches, pool {r['depth']:.1f} batches deep, max wait {r['max_wait']} "
+              f"batches, fill {100 * r['fill']:.2f}%, supervised share sd {100 * r['supervised_sd']:.1f} points, "
+              f"short-task share sd {100 * r['share_sd']:.1f} points")
+    assert arrival["oldest_always_placed"]
+    assert arrival["max_wait"] <= 2 * arrival["depth"]  # measured 1.6x
+    assert decreasing["max_wait"] > 5 * decreasing["depth"]  # the measurement tells the two orders apart
+    assert arrival["share_sd"] < 0.5 * decreasing["share_sd"]
+    assert arrival["supervised_sd"] < 0.5 * decreasing["supervised_sd"]
+    assert arrival["fill"] > 0.95
+    with pytest.raises(ValueError, match=r"order must be one of \('arrival', 'decreasing'\), got 'random'"):
+        PackedStream(RenderedSource([_pair()]), 1, 8, 4, pad_id=0, order="random")
 
 
 def test_pack_rendered_batch_from_the_renderer():
