@@ -61,6 +61,20 @@ def test_disabled_profiler_records_nothing(tmp_path):
         StepProfiler(tmp_path, steps=-1)
 
 
+def test_the_device_is_waited_for_where_the_window_opens_and_closes(tmp_path, monkeypatch):
+    # The driver's host runs ahead of the GPU: without these two waits the window takes in the warm-up step's
+    # kernels. On this machine the waits are counted, not made.
+    waits = []
+    profiler = StepProfiler(tmp_path / "run", steps=2, warmup=1, print_fn=lambda text: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waits.append(profiler._calls))
+    with profiler:
+        profiler._on_gpu = True
+        for _ in range(4):
+            torch.ones(8) @ torch.ones(8)
+            profiler.step()
+    assert waits == [1, 3]  # after the warm-up step, after the last profiled step
+
+
 @pytest.mark.parametrize("name, family", [
     ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90", "attention"),
     ("flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", "attention"),
