@@ -78,7 +78,7 @@ def build_step_run(args, extra_steps: int = 0):
 
 
 def fastsft_step(args) -> dict:
-    from fastsft.train import frozen_heap, optimizer_step
+    from fastsft.train import compiled_graphs, frozen_heap, optimizer_step
 
     run = build_step_run(args)
     micro = args.micro_batch or args.batch
@@ -92,6 +92,7 @@ def fastsft_step(args) -> dict:
         # Timed as `fastsft train` runs: the host never waits for a step (the driver reads nothing back), so only
         # the window's ends synchronize; events on the stream give each step's device time for the spread.
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+        graphs = compiled_graphs()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(args.steps):
@@ -104,12 +105,14 @@ def fastsft_step(args) -> dict:
         marks[-1].record()
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
+        graphs = compiled_graphs() - graphs  # a compile inside the window shows as one slow step
     times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     loss = float(loss)
     peak = torch.cuda.max_memory_allocated() / 2**30
     ms = 1000 * np.array(times)
     print(f"fastsft step ms (device, event to event): median {np.median(ms):.1f}, mean {ms.mean():.1f}, min "
           f"{ms.min():.1f}, max {ms.max():.1f}; wall {1000 * total / args.steps:.1f} per step over the window; "
+          f"graphs compiled in the window {graphs}; "
           f"all: {' '.join(f'{t:.0f}' for t in ms)}")
     memory = memory_split(run)
     if args.profile:

@@ -87,7 +87,8 @@ class PackedStream:
     ORDER = "arrival"
 
     def __init__(self, render: Callable, rows: int, seq_len: int, max_seqs: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, buffer: int | None = None, order: str = ORDER):
+                 rank: int = 0, world: int = 1, buffer: int | None = None, order: str = ORDER,
+                 render_chunk: int = RENDER_CHUNK):
         if len(render) < world:
             raise DataError(f"{len(render)} conversations cannot be shared by {world} ranks")
         if order not in self.POOL_DEPTH:
@@ -107,7 +108,8 @@ class PackedStream:
         # their drain: 97.7% at 32 rows for both 4x and 8x); the longest wait grows with the pool, 7 / 11 / 19
         # batches at 32 rows (15 / 15 / 23 at 16), and is not a cost. Hence 8x; the embedded default reached
         # held-out accuracy 0.680 with it (0.683 decreasing at 2x; ChatCORE 0.90 against 0.83).
-        self.buffer = buffer or max(self.POOL_DEPTH[order] * max_seqs, RENDER_CHUNK)
+        self.buffer = buffer or max(self.POOL_DEPTH[order] * max_seqs, render_chunk)
+        self.render_chunk = render_chunk
         self.epoch, self.position = 0, 0
         self.pending: list[int] = []  # conversation indices waiting for a row, in data order
         self._rendered: dict[int, tuple] = {}
@@ -117,6 +119,10 @@ class PackedStream:
         n = len(self.render)
         order = np.arange(n) if epoch == 0 else np.random.default_rng([self.seed, epoch]).permutation(n)
         return order[self.rank::self.world]
+
+    def epoch_left(self) -> bool:
+        """Whether this epoch has conversations still to place (else the next batch starts the next epoch)."""
+        return self.position < len(self._order) or bool(self.pending)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "pending": list(self.pending),
@@ -138,7 +144,7 @@ class PackedStream:
                     break  # finish this epoch's conversations before the next epoch's
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
-            chunk = self._order[self.position:self.position + RENDER_CHUNK].tolist()
+            chunk = self._order[self.position:self.position + self.render_chunk].tolist()
             self._rendered.update(zip(chunk, self.render(chunk)))
             self.pending += chunk
             self.position += len(chunk)

@@ -2,10 +2,11 @@
 
 Why this file exists: a training step wants `rows x seq_len` tokens with static shapes, while conversations come
 in all lengths. The stream renders conversations a chunk at a time (fastsft.packing.render_batch, C++), keeps a
-buffer of rendered conversations, and packs the buffer best-fit into `rows` rows (fastsft.packing.pack_rows);
-whatever does not fit waits in the buffer for the next batch, so nothing is dropped. Conversations longer than a
-row are cut to the row by the packer, which counts them (the renderer stops one token past the row so the packer
-can tell). The same task, order and arguments always give the same batches.
+pool of rendered conversations, and packs the pool best-fit in arrival order into `rows` rows (the training stream,
+fastsft.batches.PackedStream, over one epoch); whatever does not fit waits in the pool for the next batch, so
+nothing is dropped. Conversations longer than a row are cut to the row by the packer, which counts them (the
+renderer stops one token past the row so the packer can tell). The same task, order and arguments always give the
+same batches.
 
 Moving batches to the GPU (pinned buffers, a background thread) belongs to the training driver.
 """
@@ -15,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fastsft.chat import ConversationError
-from fastsft.data.base import DataError
-from fastsft.packing import PackedBatch, default_max_seqs, pack_rows, render_batch
+from fastsft.batches import RENDER_CHUNK, PackedStream, TaskRenderer
+from fastsft.packing import PackedBatch, default_max_seqs
 
 
 def check_batch_shape(rows: int, seq_len: int) -> None:
@@ -56,50 +56,36 @@ class StreamStats:
 
 
 class PackedBatchStream:
-    """Iterate over one pass of `task` as PackedBatch objects of exactly `rows` x `seq_len` tokens.
+    """Iterate over one pass of `task` as PackedBatch objects of exactly `rows` x `seq_len` tokens: the first epoch
+    of the stream training reads (fastsft.batches.PackedStream: the same renderer, packer, placement order and
+    pool), with running totals in `stats`.
 
-    buffer: how many rendered conversations the packer chooses from (more fills rows better, delays order more).
+    buffer: how many rendered conversations the packer chooses from (default: the training stream's pool).
     render_chunk: conversations rendered per C++ call. pad_id defaults to the tokenizer's BOS, as nanochat pads.
     """
 
     def __init__(self, task, tokenizer, rows: int, seq_len: int, buffer: int | None = None,
-                 render_chunk: int = 256, max_seqs: int | None = None, pad_id: int | None = None):
+                 render_chunk: int = RENDER_CHUNK, max_seqs: int | None = None, pad_id: int | None = None):
         check_batch_shape(rows, seq_len)
+        if (buffer is not None and buffer < 1) or render_chunk < 1:
+            raise ValueError(f"buffer and render_chunk must be >= 1, got {buffer} and {render_chunk}")
         self.task, self.tokenizer = task, tokenizer
         self.rows, self.seq_len = rows, seq_len
         self.max_seqs = max_seqs if max_seqs is not None else default_max_seqs(rows, seq_len)
-        # Enough short conversations to fill every row: twice the segments a batch can hold.
-        self.buffer = buffer if buffer is not None else 2 * self.max_seqs
-        if self.buffer < 1 or render_chunk < 1:
-            raise ValueError(f"buffer and render_chunk must be >= 1, got {self.buffer} and {render_chunk}")
-        self.render_chunk = render_chunk
+        self.buffer, self.render_chunk = buffer, render_chunk
         self.pad_id = tokenizer.bos_id if pad_id is None else pad_id
         self.stats = StreamStats()
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        pending: list = []  # rendered (ids, mask) waiting for a row, in data order
-        next_index, total = 0, len(self.task)
-        while True:
-            while len(pending) < self.buffer and next_index < total:
-                stop = min(total, next_index + self.render_chunk)
-                conversations = [self.task[i] for i in range(next_index, stop)]
-                try:
-                    pending.extend(render_batch(self.tokenizer, conversations, max_tokens=self.seq_len + 1))
-                except ConversationError as e:  # its index counts inside the chunk: name the task's own
-                    raise DataError(f"{self.task.name}: conversation {next_index + e.index}: {e.reason}") from e
-                next_index = stop
-            if not pending:
-                return
-            packed = pack_rows(pending, self.seq_len, num_rows=self.rows, pad_id=self.pad_id,
-                               max_seqs=self.max_seqs)
-            placed = len(pending) - len(packed.leftover)
-            if placed == 0:
-                raise RuntimeError(f"no conversation fits in {self.rows} rows of {self.seq_len} "
-                                   f"with max_seqs={self.max_seqs}")
-            pending = [pending[k] for k in packed.leftover]
-            s = self.stats
+        if len(self.task) == 0:
+            return
+        stream = PackedStream(TaskRenderer(self.task, self.tokenizer, self.seq_len), self.rows, self.seq_len,
+                              self.max_seqs, self.pad_id, buffer=self.buffer, render_chunk=self.render_chunk)
+        while stream.epoch == 0 and stream.epoch_left():
+            batch = stream.next_batch()
+            packed, s = batch.packed, self.stats
             s.batches += 1
-            s.conversations += placed
+            s.conversations += len(batch.lengths)
             s.truncated += packed.num_truncated
             s.tokens += packed.num_tokens
             s.supervised += packed.num_supervised
