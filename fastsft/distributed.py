@@ -52,6 +52,13 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(value: float, d: Dist) -> torch.Tensor:
+    """A host number summed over the ranks, as a (1,) fp32 tensor on the device; never read back. It goes up from
+    pinned memory: a pageable host tensor copied to the GPU makes the host wait for the stream, once per step."""
+    host = torch.tensor([float(value)], pin_memory=d.device.type == "cuda")
+    return all_reduce_sum(host.to(d.device, non_blocking=True), d)
+
+
 def all_gather_objects(obj, d: Dist) -> list:
     if not d.active:
         return [obj]

@@ -319,9 +319,8 @@ def train_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, torch.Tenso
     """
     d = run.dist
     count = float(sum(b.num_supervised for b in micro_batches))
-    if d.active:  # the step's count on all ranks; from pinned memory (a pageable copy would wait for the stream)
-        count = torch.tensor([count], pin_memory=d.device.type == "cuda").to(d.device, non_blocking=True)
-        count = distr.all_reduce_sum(count, d).clamp(min=1.0)
+    if d.active:  # the step's count on all ranks
+        count = distr.sum_over_ranks(count, d).clamp(min=1.0)
     else:
         count = max(count, 1.0)
     scale = d.world / count  # a number, or a device tensor under DDP: never read on the host
@@ -560,8 +559,7 @@ def stop_requested(stop: StopSignal, d: distr.Dist, votes: Readback) -> bool:
     same step."""
     if not d.active:
         return stop.received is not None
-    flag = torch.tensor([float(stop.received is not None)], device=d.device)
-    votes.push(None, distr.all_reduce_sum(flag, d))
+    votes.push(None, distr.sum_over_ranks(stop.received is not None, d))
     return any(total > 0 for _, total in votes.ready(wait=True, leave=1))
 
 

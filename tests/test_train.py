@@ -284,6 +284,35 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     assert torch.isfinite(total) and any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
 
 
+def test_ddp_stop_vote_is_read_a_step_late_and_sent_without_a_wait(monkeypatch):
+    """Under DDP each step sums the ranks' stop flags and reads the previous step's sum, so every rank stops after
+    the same step. The flag goes up from pinned memory with non_blocking: a pageable host tensor made on the GPU
+    (torch.tensor(..., device=cuda)) waits for the stream every step. On this machine a stand-in CUDA device
+    records how the tensors are made and copied; the all-reduce is the identity (one rank's view)."""
+    made, copies = [], []
+    real_tensor = torch.tensor
+
+    def tensor(data, **kw):
+        made.append(kw)
+        return real_tensor(data, dtype=kw.get("dtype"))
+
+    def to(self, device, *args, **kw):
+        copies.append((torch.device(device).type, kw.get("non_blocking", False)))
+        return self
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(train_mod.distr, "all_reduce_sum", lambda t, d: t)
+    d = Dist(rank=0, world=2, device=torch.device("cuda", 0))
+    stop, votes = SimpleNamespace(received=None), train_mod.Readback()
+    stopped = []
+    for step in range(4):
+        if step == 2:
+            stop.received = signal.SIGTERM
+        stopped.append(train_mod.stop_requested(stop, d, votes))
+    assert stopped == [False, False, False, True]  # the signal before step 2's vote, read after step 3
+    assert made and all(kw.get("device") is None and kw.get("pin_memory") for kw in made)
+    assert copies and all(copy == ("cuda", True) for copy in copies)
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, tokenizer_file):
     """torchrun with 2 gloo processes, one micro-batch each, gives the losses of one process that takes the same
