@@ -5,8 +5,9 @@ must see exactly the batches the interrupted one would have seen. So:
 - `PackedStream` walks this rank's share of the conversations (every `world`-th of the epoch order, a new seeded
   order each epoch after the first), renders them a chunk at a time (C++), packs best-fit into `rows` rows (C++),
   oldest first, and carries what did not fit into the next batch. Its `state_dict()` (epoch, position, waiting
-  conversations) restores the same stream; every batch carries the state after it, so a checkpoint saves the state
-  of the last batch the step consumed, not of whatever a loader thread has prepared since.
+  conversations, placement order and pool size) restores the same stream; every batch carries the state after it,
+  so a checkpoint saves the state of the last batch the step consumed, not of whatever a loader thread has
+  prepared since.
 - `to_device` is the ONE place a `PackedBatch` becomes tensors: it checks token ids against the model's vocabulary
   on the host (an id past the vocabulary would index padded embedding rows silently on the GPU), copies through
   pinned host buffers with `non_blocking`, and keeps the host-side counts (supervised targets, real tokens,
@@ -126,7 +127,7 @@ class PackedStream:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "pending": list(self.pending),
-                "rank": self.rank, "world": self.world}
+                "rank": self.rank, "world": self.world, "order": self.placement_order, "buffer": self.buffer}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world"]) != (self.rank, self.world):
@@ -134,6 +135,10 @@ class PackedStream:
                              f"{self.rank} of {self.world}: resume with the same number of processes")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.pending = [int(i) for i in state["pending"]]
+        # The placement order and the pool size decide the batches, so a run resumes with those it started with;
+        # states saved before "arrival" existed lack them and were longest first from a pool of 2x the budget.
+        self.placement_order = state.get("order", "decreasing")
+        self.buffer = int(state.get("buffer", max(self.POOL_DEPTH["decreasing"] * self.max_seqs, self.render_chunk)))
         self._rendered = dict(zip(self.pending, self.render(self.pending))) if self.pending else {}
         self._order = self._epoch_order(self.epoch)
 

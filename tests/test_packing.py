@@ -323,6 +323,37 @@ def test_arrival_stream_places_the_oldest_first_and_bounds_every_wait():
         PackedStream(RenderedSource([_pair()]), 1, 8, 4, pad_id=0, order="random")
 
 
+@pytest.mark.parametrize("order", PLACEMENT_ORDERS)
+def test_stream_state_resumes_its_own_order_and_pool(order):
+    # A run resumes with the placement order and pool it started with, whatever the loading stream was built with
+    # (a checkpoint of the old default, longest first from a 2x pool, resumed by code whose default is arrival):
+    # mid-epoch with conversations waiting, through the epoch's end into the next.
+    source, _ = two_task_stream(300, 128)
+
+    def stream(**kw):
+        return PackedStream(source, 4, 128, 40, pad_id=0, render_chunk=64, **kw)
+
+    def continue_from(state, **kw):
+        resumed = stream(**kw)
+        resumed.load_state_dict(state)
+        return [resumed.next_batch() for _ in range(40)]
+
+    def assert_same_batches(got, want):
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a.packed.input_ids, b.packed.input_ids) and a.state == b.state
+
+    first = stream(order=order)
+    for _ in range(5):
+        first.next_batch()
+    state = first.state_dict()
+    want = [first.next_batch() for _ in range(40)]
+    assert state["pending"] and want[-1].epoch == 1
+    other = PLACEMENT_ORDERS[1 - PLACEMENT_ORDERS.index(order)]
+    assert_same_batches(continue_from(state, order=other), want)
+    if order == "decreasing":  # a state saved before it named its order and pool: the old default's
+        old = {k: v for k, v in state.items() if k not in ("order", "buffer")}
+        assert_same_batches(continue_from(old), want)
+
 def test_pack_rendered_batch_from_the_renderer():
     tokenizer = Tokenizer.train_from_iterator(["hello world, how are you? fine thanks " * 20], 300)
     rng = random.Random(3)
