@@ -3,8 +3,8 @@
 Reading a device scalar with `.item()` makes the host wait for everything queued before it; the GPU then idles
 while the host launches the next step (measured on an H200 at d12: the GPU busy 101 of a 113 ms step). So the
 step's loss goes to pinned host memory behind the work that produces it, with an event, and the host takes it
-once the event has passed: normally a step or two later, at once where it must have it (a printed line, an
-evaluation, a checkpoint). Values come back in the order they were pushed.
+once the event has passed: normally a step or two later, at once where it must have it (an evaluation, a
+checkpoint, the end of the run). Values come back in the order they were pushed.
 """
 
 from __future__ import annotations

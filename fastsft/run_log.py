@@ -131,9 +131,11 @@ class RunLog:
                 self._tb.add_scalar(k, v, row["step"])
 
     def step(self, step: int, loss, lrm: float, micro_batches: list, seconds: float) -> None:
-        """Record a step. `loss` is a device scalar on its way to the host (or a float): its row is written when it
-        arrives (metrics.jsonl stays in step order), at once on a printed step. `seconds` is the host's time for
-        the step; with the device a step or two behind, single steps are noisy, sums over many are exact."""
+        """Record a step. `loss` is a device scalar on its way to the host (or a float): its row is written and its
+        line printed when it arrives, a step or two later (metrics.jsonl stays in step order); never waited for
+        here, even on a printed step (every step by default), or the host would wait for every step; `flush()`
+        waits. `seconds` is the host's time for the step; with the device a step or two behind, single steps are
+        noisy, sums over many are exact."""
         if not self.enabled:
             return
         run = self.run
@@ -150,7 +152,7 @@ class RunLog:
                    tokens_per_s=tokens * world / seconds, supervised_tokens_per_s=supervised * world / seconds,
                    mfu=mfu, memory_gib=memory_gib(run.dist.device))
         self._losses.push((row, torch.is_tensor(loss), flops), loss)
-        self._drain(wait=step % run.cfg.log_every == 0 or step == run.num_steps)
+        self._drain(wait=False)
 
     def flush(self) -> None:
         """Write every step recorded so far (waits for their losses)."""

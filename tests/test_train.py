@@ -49,6 +49,39 @@ def tokenizer_file(tmp_path_factory):
     return path
 
 
+class LateEvent:
+    """A CUDA event's stand-in on the CPU: it passes only once waited for, as if the GPU ran steps behind."""
+
+    waits = 0
+
+    def __init__(self):
+        self.passed = False
+
+    def query(self):
+        return self.passed
+
+    def synchronize(self):
+        LateEvent.waits += 1
+        self.passed = True
+
+
+@pytest.fixture
+def late_readback(monkeypatch):
+    """Every tensor pushed to a Readback arrives only when waited for (on the CPU it is there at once), so the
+    deferred paths of the log run: rows pending across steps, signals, checkpoints and resumes."""
+    from fastsft.readback import Readback
+
+    real = Readback.push
+
+    def push(self, tag, value):
+        real(self, tag, value)
+        if torch.is_tensor(value):
+            self._pending[-1] = (*self._pending[-1][:2], LateEvent())
+
+    monkeypatch.setattr(Readback, "push", push)
+    monkeypatch.setattr(LateEvent, "waits", 0)
+
+
 def tiny_config(tmp_path, *extra):
     return load_config(None, [f"--out_dir={tmp_path}", DATA, *TINY, *extra])
 
@@ -193,7 +226,26 @@ def test_run_writes_metrics_summary_report(tmp_path):
     assert (out / "config.toml").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
 
 
-def test_nonfinite_loss_and_oom_are_skipped_and_counted(tmp_path, monkeypatch):
+def test_step_lines_wait_for_nothing_and_rows_come_in_order(tmp_path, late_readback):
+    # log_every = 1 (the default) prints every step: waiting for a printed step's loss would wait for every step.
+    from fastsft.run_log import RunLog
+
+    run = train_mod.build_run(tiny_config(tmp_path, "--num_iterations=4"))
+    batches = [run.loader.get()]
+    run.loader.close()
+    log = RunLog(run)
+    log.start()
+    losses = [2.0, float("nan"), 1.5, 1.25]
+    for step, loss in enumerate(losses, start=1):
+        log.step(step, torch.tensor(loss), 1.0, batches, 0.1)
+    assert LateEvent.waits == 0 and (tmp_path / "metrics.jsonl").read_text() == ""
+    log.flush()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (2, None), (3, 1.5), (4, 1.25)]
+    assert run.counters["skipped_nonfinite"] == 1
+
+
+def test_nonfinite_loss_and_oom_are_skipped_and_counted(tmp_path, monkeypatch, late_readback):
     calls = {"n": 0, "opt": 0}
     real = train_mod.forward_loss
 
@@ -218,6 +270,8 @@ def test_nonfinite_loss_and_oom_are_skipped_and_counted(tmp_path, monkeypatch):
     run.optimizers.step = counted_step
     summary = train_mod.run_training(run.cfg, run=run)
     assert summary["skipped_nonfinite"] == 1 and summary["skipped_oom"] == 1
+    saved = json.loads((tmp_path / "checkpoint" / "train_state.json").read_text())["state"]["counters"]
+    assert saved["skipped_nonfinite"] == 1  # the losses were read before the checkpoint was written
     # 5 steps: the OOM step had no micro-batch left and never reached the optimizer; the NaN step did, and its
     # update was skipped inside the kernels (the parameters are finite below), counted when its loss was read
     assert calls["opt"] == 4
@@ -240,7 +294,7 @@ def _run_until_sigterm(tmp_path, monkeypatch, after_steps):
     monkeypatch.setattr(train_mod, "train_step", step_then_signal)
 
 
-def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch, tokenizer_file):
+def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch, tokenizer_file, late_readback):
     args = ("--num_iterations=6", "--target_examples_per_step=40", f"--tokenizer={tokenizer_file}")
     full = train_mod.run_training(tiny_config(tmp_path / "full", *args))
     assert full["finished"]
