@@ -9,9 +9,10 @@ the gradients.
 The loss of a step is the sum of the token losses over every supervised target of all its micro-batches on all
 ranks, divided by their count. The count is known on the host from the packer before the backward (summed over
 ranks with one all-reduce), so each micro-batch's backward is scaled by `world / count` and the gradient equals
-that of one big batch however the data was packed, accumulated or spread over ranks. Inside forward, backward
-and the optimizer step nothing waits for the device; the loop reads one scalar per step (the step's loss), which
-is also what the non-finite guard needs before it lets the optimizer step.
+that of one big batch however the data was packed, accumulated or spread over ranks. The loop never waits for
+the step it has launched (under DDP the stop vote waits for the one before): a non-finite loss skips the update
+inside the optimizer kernels (a device flag), and the loss reaches the log through pinned memory a step or two
+later (fastsft/readback.py); only evaluations, checkpoints and the end of the run wait for it.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def embeddings_to_bf16(model: GPT) -> None:
-    """Token and value embeddings in bf16 (their AdamW keeps fp32 moments): the residual stream then starts in
+    """Token and value embeddings in bf16 (their AdamW moments: `adam_moments`): the residual stream then starts in
     bf16 and stays there under autocast, instead of an fp32 stream whose every elementwise op and saved
     activation costs twice the bytes; the tables' weights and gradients take half the memory. Matrices stay fp32
     masters (autocast casts them per forward); lm_head too (the loss casts it)."""
@@ -461,8 +462,8 @@ def task_metrics(run: Run) -> dict:
 
 def optimizer_step(run: Run, step: int, warn=logger.warning) -> tuple[torch.Tensor | float, float, list]:
     """One step of the run: schedule, micro-batches, forward and backward, the update. Reads nothing back from the
-    device: a non-finite loss skips the update inside the optimizer kernels (parameters and their state are left
-    as they were), and whoever reads the loss later counts the skip (`RunLog`).
+    device: a non-finite loss skips the update inside the optimizer kernels (parameters, moments and momentum are
+    left as they were; AdamW's step count advances), and whoever reads the loss later counts the skip (`RunLog`).
 
     Returns (the step's mean loss as a device scalar, or nan when the step was dropped on the host: out of memory;
     the learning-rate multiplier; its micro-batches)."""

@@ -12,7 +12,8 @@ numerical: v moves only by whole bf16 steps, so a change (1 - beta2) (g^2 - v) s
 2^-8 of v) is lost. At beta2 = 0.95 (fastsft's and nanochat's AdamW groups) that ignores g^2 within ~4-8% of v;
 the closer beta2 is to 1 the larger the lost changes, and from beta2 ~ 0.998 on (1 - beta2 <= 2^-9) a v whose
 gradients stop stays within a bf16 step of where it was instead of decaying. m loses the same way with beta1.
-That is nanochat's trade; the default stays fp32. fp32 parameters keep fp32 moments under both settings.
+That is nanochat's trade; this class's default stays fp32 (the driver's `adam_moments` config picks "param").
+fp32 parameters keep fp32 moments under both settings.
 
 Skipping a step on the device (`step(skip=flag)`): the driver passes a 0-dim device tensor, nonzero when the
 step must not happen (a non-finite loss), instead of reading the loss back to the host (a sync, ~3% of a d20
