@@ -92,6 +92,37 @@ def no_host_reads():
         yield
 
 
+def skip_then_step(opt, params, flag, name):
+    """Two plain steps, then one with non-finite gradients and the set `flag` (nothing may move), then a plain
+    step (every parameter moves again)."""
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 2, poison=True)
+    opt.step(skip=flag)
+    assert paths.ran(name) == paths.TRITON
+    assert_unchanged(opt, params, before)
+    set_grads(params, 3)
+    opt.step(skip=torch.tensor(False, device=DEVICE))
+    assert all(not torch.equal(p, p0) for p, (p0, _) in zip(params, before))
+
+
+def assert_clear_flag_is_no_flag(new_params, make_opt, make_flag, name):
+    """Three steps of twins, one without a flag and one with a clear flag, end the same (and not where they
+    started)."""
+    plain, flagged = new_params(), new_params()
+    opt_plain, opt_flagged = make_opt(plain), make_opt(flagged)
+    for step in range(3):
+        set_grads(plain, step)
+        set_grads(flagged, step)
+        opt_plain.step()
+        opt_flagged.step(skip=make_flag().to(DEVICE))
+    assert paths.ran(name) == paths.TRITON
+    assert not torch.equal(plain[0], new_params()[0])
+    assert_same(plain, opt_plain, flagged, opt_flagged)
+
+
 def adamw(params, **kwargs):
     return AdamW([dict(params=params[:2], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1),
                   dict(params=params[2:], lr=3e-2, betas=(0.8, 0.99), weight_decay=0.0)],
@@ -112,19 +143,8 @@ def muon(params):
 def test_adamw_set_flag_leaves_params_and_moments_bit_for_bit(dtype, moments_dtype, make_flag):
     params = make_params(ADAMW_SHAPES, dtype)
     opt = adamw(params, moments_dtype=moments_dtype)
-    for step in range(2):
-        set_grads(params, step)
-        opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 2, poison=True)
-    opt.step(skip=make_flag().to(DEVICE))
-    assert paths.ran("adamw") == paths.TRITON
-    assert_unchanged(opt, params, before)
-    # A skipped step counts for bias correction (kernels/adamw.py), and the next step updates again.
-    assert all(opt.state[p]["step"] == 3 for p in params)
-    set_grads(params, 3)
-    opt.step(skip=torch.tensor(False, device=DEVICE))
-    assert all(not torch.equal(p, p0) for p, (p0, _) in zip(params, before))
+    skip_then_step(opt, params, make_flag().to(DEVICE), "adamw")
+    assert all(opt.state[p]["step"] == 4 for p in params)  # the skipped step counted (kernels/adamw.py)
 
 
 def test_adamw_set_flag_on_the_first_step_leaves_zero_moments():
@@ -141,16 +161,8 @@ def test_adamw_set_flag_on_the_first_step_leaves_zero_moments():
 @pytest.mark.parametrize("make_flag", CLEAR_FLAGS)
 @pytest.mark.parametrize("dtype, moments_dtype", [(torch.float32, "fp32"), (torch.bfloat16, "param")])
 def test_adamw_clear_flag_is_the_step_without_flag(dtype, moments_dtype, make_flag):
-    plain, flagged = make_params(ADAMW_SHAPES, dtype), make_params(ADAMW_SHAPES, dtype)
-    opt_plain, opt_flagged = adamw(plain, moments_dtype=moments_dtype), adamw(flagged, moments_dtype=moments_dtype)
-    for step in range(3):
-        set_grads(plain, step)
-        set_grads(flagged, step)
-        opt_plain.step()
-        opt_flagged.step(skip=make_flag().to(DEVICE))
-    assert paths.ran("adamw") == paths.TRITON
-    assert not torch.equal(plain[2], make_params(ADAMW_SHAPES, dtype)[2])
-    assert_same(plain, opt_plain, flagged, opt_flagged)
+    assert_clear_flag_is_no_flag(lambda: make_params(ADAMW_SHAPES, dtype),
+                                 functools.partial(adamw, moments_dtype=moments_dtype), make_flag, "adamw")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,18 +173,7 @@ def test_adamw_clear_flag_is_the_step_without_flag(dtype, moments_dtype, make_fl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_muon_set_flag_leaves_params_and_momentum_bit_for_bit(dtype, make_flag):
     params = make_params(MUON_SHAPES, dtype)
-    opt = muon(params)
-    for step in range(2):
-        set_grads(params, step)
-        opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 2, poison=True)
-    opt.step(skip=make_flag().to(DEVICE))
-    assert paths.ran("muon") == paths.TRITON
-    assert_unchanged(opt, params, before)
-    set_grads(params, 3)
-    opt.step(skip=torch.tensor(False, device=DEVICE))
-    assert all(not torch.equal(p, p0) for p, (p0, _) in zip(params, before))
+    skip_then_step(muon(params), params, make_flag().to(DEVICE), "muon")
 
 
 def test_muon_set_flag_on_the_first_step_leaves_zero_momentum():
@@ -189,16 +190,7 @@ def test_muon_set_flag_on_the_first_step_leaves_zero_momentum():
 @pytest.mark.parametrize("make_flag", CLEAR_FLAGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_muon_clear_flag_is_the_step_without_flag(dtype, make_flag):
-    plain, flagged = make_params(MUON_SHAPES, dtype), make_params(MUON_SHAPES, dtype)
-    opt_plain, opt_flagged = muon(plain), muon(flagged)
-    for step in range(3):
-        set_grads(plain, step)
-        set_grads(flagged, step)
-        opt_plain.step()
-        opt_flagged.step(skip=make_flag().to(DEVICE))
-    assert paths.ran("muon") == paths.TRITON
-    assert not torch.equal(plain[0], make_params(MUON_SHAPES, dtype)[0])
-    assert_same(plain, opt_plain, flagged, opt_flagged)
+    assert_clear_flag_is_no_flag(lambda: make_params(MUON_SHAPES, dtype), muon, make_flag, "muon")
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
