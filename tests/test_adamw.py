@@ -73,23 +73,31 @@ def test_fp32_matches_torch_adamw():
         assert opt.state[p]["step"] == int(opt_ref.state[q]["step"]) == 6
 
 
-def test_bf16_params_keep_fp32_moments_and_round_once():
+def bf16_steps_beside_reference(steps, moments_dtype):
+    """`steps` AdamW steps of bf16 parameters, and the same on adamw_reference_step with moments of the dtype
+    moments_dtype gives: (our parameters, our optimizer, reference parameters, exp_avgs, exp_avg_sqs)."""
     ours = make_params(torch.bfloat16)
+    opt = AdamW(groups(ours), lr=1.0, block_size=BLOCK, moments_dtype=moments_dtype)
     ref = [p.detach().clone() for p in ours]
-    ref_m = [torch.zeros(s, device=DEVICE) for s in SHAPES]
-    ref_v = [torch.zeros(s, device=DEVICE) for s in SHAPES]
-    opt = AdamW(groups(ours), lr=1.0, block_size=BLOCK)
-    for step in range(5):
+    moment = opt.moment_dtype(ours[0])
+    ref_m = [torch.zeros(s, device=DEVICE, dtype=moment) for s in SHAPES]
+    ref_v = [torch.zeros(s, device=DEVICE, dtype=moment) for s in SHAPES]
+    for step in range(steps):
         grads = grads_for(step, torch.bfloat16)
         for p, g in zip(ours, grads):
             p.grad = g
         opt.step()
         assert_kernel_ran()
-        for gi, group in enumerate(groups(list(range(len(SHAPES))))):
+        for group in groups(list(range(len(SHAPES)))):
             idx = group["params"]
             adamw_reference_step([ref[i] for i in idx], [grads[i] for i in idx], [ref_m[i] for i in idx],
                                  [ref_v[i] for i in idx], step + 1, group["lr"], *group["betas"], group["eps"],
                                  group["weight_decay"])
+    return ours, opt, ref, ref_m, ref_v
+
+
+def test_bf16_params_keep_fp32_moments_and_round_once():
+    ours, opt, ref, ref_m, ref_v = bf16_steps_beside_reference(5, "fp32")
     for i, p in enumerate(ours):
         assert p.dtype == torch.bfloat16 and opt.state[p]["exp_avg"].dtype == torch.float32
         torch.testing.assert_close(opt.state[p]["exp_avg"], ref_m[i], rtol=1e-5, atol=1e-7)
@@ -187,22 +195,7 @@ def test_bf16_moments_match_the_reference_rounded_once():
     equal over these 6 steps; on an H200 up to 6% of a moment tensor differs, by at most 0.5 bf16 step at the
     tensor's scale. Truncating instead of rounding (the interpreter's plain cast) moves 40-97% of them.
     """
-    ours = make_params(torch.bfloat16)
-    ref = [p.detach().clone() for p in ours]
-    ref_m = [torch.zeros(s, device=DEVICE, dtype=torch.bfloat16) for s in SHAPES]
-    ref_v = [torch.zeros(s, device=DEVICE, dtype=torch.bfloat16) for s in SHAPES]
-    opt = AdamW(groups(ours), lr=1.0, block_size=BLOCK, moments_dtype="param")
-    for step in range(6):
-        grads = grads_for(step, torch.bfloat16)
-        for p, g in zip(ours, grads):
-            p.grad = g
-        opt.step()
-        assert_kernel_ran()
-        for group in groups(list(range(len(SHAPES)))):
-            idx = group["params"]
-            adamw_reference_step([ref[i] for i in idx], [grads[i] for i in idx], [ref_m[i] for i in idx],
-                                 [ref_v[i] for i in idx], step + 1, group["lr"], *group["betas"], group["eps"],
-                                 group["weight_decay"])
+    ours, opt, ref, ref_m, ref_v = bf16_steps_beside_reference(6, "param")
     for i, p in enumerate(ours):
         for name, want in (("exp_avg", ref_m[i]), ("exp_avg_sq", ref_v[i]), ("param", ref[i])):
             got = p if name == "param" else opt.state[p][name]
