@@ -45,6 +45,24 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def keep_rows_until(path: Path, step: int) -> str:
+    """The lines of metrics.jsonl at `path` up to and including `step`, where a resumed run continues: a run that
+    crashed after its last checkpoint wrote rows the resumed run writes again. Unreadable lines are kept (never
+    lose a user's log); the rows after them are cut as well."""
+    if not path.exists():
+        return ""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            row_step = None
+        if isinstance(row_step, int) and row_step > step:
+            break
+        kept.append(line if line.endswith("\n") else line + "\n")
+    return "".join(kept)
+
+
 class RunLog:
     def __init__(self, run, enabled: bool = True):
         self.run, self.enabled = run, enabled
@@ -67,8 +85,10 @@ class RunLog:
             return
         run, cfg = self.run, self.run.cfg
         (self.out / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        mode = "a" if run.start_step else "w"
-        self._metrics = open(self.out / "metrics.jsonl", mode, encoding="utf-8")
+        path = self.out / "metrics.jsonl"
+        kept = keep_rows_until(path, run.start_step) if run.start_step else ""
+        self._metrics = open(path, "w", encoding="utf-8")
+        self._metrics.write(kept)
         m = run.model.config
         per = run.per_micro_batch
         lines = [

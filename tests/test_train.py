@@ -308,6 +308,20 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch, tokenizer_
     assert losses_of(tmp_path / "part") == losses_of(tmp_path / "full")  # exactly, on the CPU
 
 
+def test_resume_after_a_crash_writes_each_step_once(tmp_path, monkeypatch, tokenizer_file):
+    args = ("--num_iterations=5", "--target_examples_per_step=40", f"--tokenizer={tokenizer_file}")
+    _run_until_sigterm(tmp_path, monkeypatch, after_steps=2)
+    assert train_mod.run_training(tiny_config(tmp_path / "run", *args))["steps"] == 2
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what a crash after the checkpoint leaves: steps the resumed run does again
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
+    monkeypatch.undo()
+    assert train_mod.run_training(tiny_config(tmp_path / "run", *args), resume=True)["finished"]
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval" not in r]
+    assert steps == [1, 2, 3, 4, 5]
+    assert 9.0 not in losses_of(tmp_path / "run")
+
+
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastsft.train", f"--out_dir={out}", DATA, *TINY, "--num_iterations=400"]
