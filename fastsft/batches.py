@@ -96,21 +96,13 @@ class PackedStream:
             raise ValueError(f"order must be one of {tuple(self.POOL_DEPTH)}, got {order!r}")
         self.render, self.rows, self.seq_len, self.max_seqs, self.pad_id = render, rows, seq_len, max_seqs, pad_id
         self.seed, self.rank, self.world, self.placement_order = seed, rank, world, order
-        # The pool's depth is safe only in arrival order. Best fit longest first ("decreasing") sorts the stream:
-        # it takes the longest of the pool and leaves the short ones waiting, until a batch of nothing but short
-        # ones (of a mixture: of one task) hits the segment budget. Measured over 250 batches of epoch 0 at 2x,
-        # 32 x 2048 rows of bench/step.py's ~900-token chat fill 93.6% (96.5% in the first 30 batches, single
-        # batches 42%), a conversation waits up to 198 batches, and the embedded default's batches hold 0-98% of
-        # one task (supervised share 39-79%); 8x fills 99.9% for 30 batches, then the same, and cut that run's
-        # held-out accuracy from 0.683 to 0.44 (bench/RESULTS.md, run 4). Arrival order places the oldest pending
-        # conversation first, into empty rows, so nothing waits for ever and batches draw the data's mixture
-        # (task shares and supervised share, sd 2.4 points, as in random draws, at any depth). Fill at 2x / 4x / 8x
-        # (250 batches): 97.9 / 98.1 / 98.2% at 32 x 2048, 97.9 / 97.9 / 98.1% at 16 x 2048 (whole epochs with
-        # their drain: 97.7% at 32 rows for both 4x and 8x); the longest wait grows with the pool, 7 / 11 / 19
-        # batches at 32 rows (15 / 15 / 23 at 16), and is not a cost. Hence 8x; the embedded default reached
-        # held-out accuracy 0.680 with it (0.683 decreasing at 2x; ChatCORE 0.90 against 0.83).
-        self.buffer = buffer or max(self.POOL_DEPTH[order] * max_seqs, render_chunk)
+        # A deep pool is safe only in arrival order: longest first sorts the stream, leaving short conversations
+        # to pile up until batches of nothing but short ones (of a mixture: of one task), and cut the embedded
+        # default's accuracy from 0.683 to 0.44 at 8x. Arrival order places the oldest first, so batches keep the
+        # data's mixture; 8x fills 98.2% of 32 x 2048 rows against 93.6% for longest first at 2x (bench/RESULTS.md,
+        # run 5).
         self.render_chunk = render_chunk
+        self.buffer = buffer or self._default_pool(order)
         self.epoch, self.position = 0, 0
         self.pending: list[int] = []  # conversation indices waiting for a row, in data order
         self._rendered: dict[int, tuple] = {}
@@ -120,6 +112,9 @@ class PackedStream:
         n = len(self.render)
         order = np.arange(n) if epoch == 0 else np.random.default_rng([self.seed, epoch]).permutation(n)
         return order[self.rank::self.world]
+
+    def _default_pool(self, order: str) -> int:
+        return max(self.POOL_DEPTH[order] * self.max_seqs, self.render_chunk)
 
     def epoch_left(self) -> bool:
         """Whether this epoch has conversations still to place (else the next batch starts the next epoch)."""
@@ -138,7 +133,7 @@ class PackedStream:
         # The placement order and the pool size decide the batches, so a run resumes with those it started with;
         # states saved before "arrival" existed lack them and were longest first from a pool of 2x the budget.
         self.placement_order = state.get("order", "decreasing")
-        self.buffer = int(state.get("buffer", max(self.POOL_DEPTH["decreasing"] * self.max_seqs, self.render_chunk)))
+        self.buffer = int(state.get("buffer", self._default_pool("decreasing")))
         self._rendered = dict(zip(self.pending, self.render(self.pending))) if self.pending else {}
         self._order = self._epoch_order(self.epoch)
 

@@ -79,3 +79,21 @@ def params_with_grads(optimizer: str, gi: int, group: dict):
         if not p.is_contiguous():
             raise ValueError(f"{optimizer}: parameter {pi} of group {gi} (shape {tuple(p.shape)}) is not contiguous")
         yield p
+
+
+def check_skip(skip, device: torch.device, where: str):
+    """Validate a device-side skip flag (None, or a 0-dim bool / integer tensor on `device`) without reading it.
+
+    Shared by the optimizers. Only metadata (dim, dtype, device) is looked at: the value stays on the device.
+    """
+    if skip is None:
+        return None
+    if not torch.is_tensor(skip):
+        raise TypeError(f"{where}: skip must be None or a 0-dim tensor on {device}, got {type(skip).__name__}")
+    if skip.dim() != 0:
+        raise ValueError(f"{where}: skip must be a 0-dim tensor, got shape {tuple(skip.shape)}")
+    if skip.dtype.is_floating_point or skip.dtype.is_complex:
+        raise TypeError(f"{where}: skip must be a bool or integer tensor, got {skip.dtype}")
+    if skip.device != device:
+        raise ValueError(f"{where}: skip is on {skip.device}, the parameters on {device}")
+    return skip

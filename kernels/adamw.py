@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
-                            runs_triton, table_pointers, tl_dtype)
+from ._multi_tensor import (ALIGN_BYTES, check_skip, device_table, interpreter_enabled, params_with_grads,
+                            round_to_bf16, runs_triton, table_pointers, tl_dtype)
 from .paths import REFERENCE, TRITON, record
 
 _GPU_BLOCK = 2048
@@ -54,24 +54,6 @@ _INTERPRETER_BLOCK = 1 << 16
 _NUMEL, _ROW = 4, 5
 
 MOMENTS_DTYPES = ("fp32", "param")
-
-
-def check_skip(skip, device: torch.device, where: str):
-    """Validate a device-side skip flag (None, or a 0-dim bool / integer tensor on `device`) without reading it.
-
-    Shared by AdamW and Muon. Only metadata (dim, dtype, device) is looked at: the value stays on the device.
-    """
-    if skip is None:
-        return None
-    if not torch.is_tensor(skip):
-        raise TypeError(f"{where}: skip must be None or a 0-dim tensor on {device}, got {type(skip).__name__}")
-    if skip.dim() != 0:
-        raise ValueError(f"{where}: skip must be a 0-dim tensor, got shape {tuple(skip.shape)}")
-    if skip.dtype.is_floating_point or skip.dtype.is_complex:
-        raise TypeError(f"{where}: skip must be a bool or integer tensor, got {skip.dtype}")
-    if skip.device != device:
-        raise ValueError(f"{where}: skip is on {skip.device}, the parameters on {device}")
-    return skip
 
 
 @triton.jit

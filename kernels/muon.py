@@ -38,9 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (ALIGN_BYTES, device_table, interpreter_enabled, params_with_grads, round_to_bf16,
-                            runs_triton, table_pointers, tl_dtype)
-from .adamw import check_skip
+from ._multi_tensor import (ALIGN_BYTES, check_skip, device_table, interpreter_enabled, params_with_grads,
+                            round_to_bf16, runs_triton, table_pointers, tl_dtype)
 from .paths import REFERENCE, TRITON, record
 
 POLAR_EXPRESS_COEFFICIENTS = (
