@@ -18,13 +18,14 @@ pytestmark = pytest.mark.gpu
 ROUNDS, WARMUP = 10, 4
 
 
-@pytest.mark.parametrize("depth,rows", [(12, 32), (20, 16)])
-def test_driver_step(gpu_benchmark, benchmark, depth, rows):
+@pytest.mark.parametrize("depth,rows,fp8", [(12, 32, False), (20, 16, False), (12, 32, True), (20, 16, True)])
+def test_driver_step(gpu_benchmark, benchmark, depth, rows, fp8):
     import step as step_bench
 
     from fastsft.train import optimizer_step
 
-    args = step_bench.parse_args(["--depth", str(depth), "--batch", str(rows), "--steps", "0", "--warmup", "0"])
+    args = step_bench.parse_args(["--depth", str(depth), "--batch", str(rows), "--steps", "0", "--warmup", "0",
+                                  f"--override=--fp8={str(fp8).lower()}"])
     run = step_bench.build_step_run(args, extra_steps=ROUNDS + WARMUP)
     done = {"steps": 0, "tokens": 0, "losses": []}
 
@@ -40,5 +41,5 @@ def test_driver_step(gpu_benchmark, benchmark, depth, rows):
         run.loader.close()
     losses = [float(x) for x in done["losses"]]  # device scalars: the driver's step reads nothing back
     assert done["steps"] == ROUNDS + WARMUP and all(math.isfinite(x) for x in losses)
-    benchmark.extra_info.update(depth=depth, rows=rows, seq_len=args.seq, loss_first=losses[0],
+    benchmark.extra_info.update(depth=depth, rows=rows, fp8=fp8, seq_len=args.seq, loss_first=losses[0],
                                 loss_last=losses[-1], tokens_per_step=done["tokens"] / done["steps"])

@@ -83,7 +83,7 @@ def fastsft_step(args) -> dict:
     run = build_step_run(args)
     micro = args.micro_batch or args.batch
     torch.cuda.reset_peak_memory_stats()
-    real, supervised, convs, flops = 0, 0, 0, 0.0
+    real, supervised, convs, flops, losses = 0, 0, 0, 0.0, []
     with frozen_heap() as freeze:
         for step in range(args.warmup):
             optimizer_step(run, step)
@@ -98,6 +98,7 @@ def fastsft_step(args) -> dict:
         for i in range(args.steps):
             marks[i].record()
             loss, _, mbs = optimizer_step(run, args.warmup + i)
+            losses.append(loss)
             real += sum(b.num_tokens for b in mbs)
             supervised += sum(b.num_supervised for b in mbs)
             convs += sum(b.num_conversations for b in mbs)
@@ -107,18 +108,18 @@ def fastsft_step(args) -> dict:
         total = time.perf_counter() - t0
         graphs = compiled_graphs() - graphs  # a compile inside the window shows as one slow step
     times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-    loss = float(loss)
+    mean_loss = float(torch.stack(losses).float().mean())  # same init and batches: comparable across variants
     peak = torch.cuda.max_memory_allocated() / 2**30
     ms = 1000 * np.array(times)
     print(f"fastsft step ms (device, event to event): median {np.median(ms):.1f}, mean {ms.mean():.1f}, min "
           f"{ms.min():.1f}, max {ms.max():.1f}; wall {1000 * total / args.steps:.1f} per step over the window; "
-          f"graphs compiled in the window {graphs}; "
+          f"graphs compiled in the window {graphs}; mean loss {mean_loss:.4f}; "
           f"all: {' '.join(f'{t:.0f}' for t in ms)}")
     memory = memory_split(run)
     if args.profile:
         from fastsft.profiling import StepProfiler
 
-        run.profiler = StepProfiler(args.out, steps=args.profile)
+        run.profiler = StepProfiler(args.out, steps=args.profile, top=args.top)
         with run.profiler:
             for step in range(args.profile + 1):
                 optimizer_step(run, args.warmup + args.steps + step)
@@ -126,7 +127,8 @@ def fastsft_step(args) -> dict:
     run.loader.close()
     return dict(side="fastsft", depth=args.depth, batch=args.batch, micro_batch=micro,
                 step_ms=1000 * float(np.median(times)), real_tok_s=real / total, supervised_tok_s=supervised / total,
-                convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, last_loss=loss,
+                convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
+                overrides=args.override + [f"inductor.{i}" for i in args.inductor],
                 max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None)
 
 
@@ -205,6 +207,9 @@ def parse_args(argv=None):
     ap.add_argument("--peer", action="store_true", help="run nanochat's step in the same command")
     ap.add_argument("--seed-recipe", action="store_true", help="also nanochat with the seed article's collate")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each side")
+    ap.add_argument("--top", type=int, default=15, help="with --profile: list this many kernels")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="an experiment: set torch._inductor.config.KEY (Python literal) before compiling")
     ap.add_argument("--no-peer-profile", action="store_true", help="with --profile: profile fastsft's side only")
     ap.add_argument("--out", default="/tmp/fastsft-step-bench")
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
@@ -212,8 +217,25 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def set_inductor(settings: list[str]) -> None:
+    import ast
+
+    import torch._inductor.config as inductor
+
+    for item in settings:
+        key, _, value = item.partition("=")
+        target = inductor
+        *path, name = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key}")
+        setattr(target, name, ast.literal_eval(value))
+
+
 def main() -> None:
     args = parse_args()
+    set_inductor(args.inductor)
     rows = [fastsft_step(args)]
     torch.cuda.empty_cache()
     if args.peer:

@@ -234,6 +234,10 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         model.loss_layout = cfg.loss_layout
         model.init_rotary()
     model.set_recompute(mlp=cfg.recompute_mlp)
+    if cfg.fp8 and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
+        raise ValueError(f"fp8 = true needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(d.device)} is {torch.cuda.get_device_capability(d.device)}")
+    model.set_fp8(cfg.fp8)
     if d.device.type == "cuda" and autocast_dtype(cfg, d.device) == "bfloat16":
         embeddings_to_bf16(model)
     mcfg = model.config

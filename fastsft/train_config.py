@@ -68,6 +68,7 @@ class TrainConfig:
     # nanochat does: 1.7 GiB less at d20), "fp32" always fp32
     adam_moments: str = "param"
     recompute_mlp: bool = True  # the MLP keeps c_fc's output only, relu^2 is recomputed (d20: -6.4 GiB, +0.9% time)
+    fp8: bool = False  # the blocks' projections train with fp8 matmuls (fastsft.fp8; GPUs of compute capability 8.9+)
     attention: str = ""  # pin an attention backend; "" = best available
     loader_thread: bool = True  # render and pack on a background thread
     # -- evaluation, logging, checkpoints --------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""FP8 matmuls for the blocks' projections (`fp8 = true`; off by default).
+
+Each projection's three matmuls (forward, input gradient, weight gradient) run as `torch._scaled_mm` on float8
+operands with one dynamic scale per tensor: activations and weights in e4m3 (more mantissa), gradients in e5m2
+(more range), products accumulated in fp32 by the tensor cores and written in the autocast dtype. Hopper runs fp8
+at twice the bf16 rate; the quantizations are plain torch ops, so torch.compile fuses each into the kernel that
+produces its operand.
+
+What stays in bf16: the embeddings, lm_head (the fused loss kernel), the small gates, attention itself, every
+forward without gradients (evaluation, generation), and any matmul whose dimensions are not multiples of 16 (the
+fp8 kernels' constraint); the latter two fall back silently, so one model serves both.
+
+Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2) and the MLP keeps only
+c_fc's output (relu^2 and its fp8 copy are recomputed in the backward with the forward's scale, as `recompute_mlp`
+does for bf16). q, k and v are one fp8 matmul (the model's `_qkv`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn  # activations and weights
+E5M2 = torch.float8_e5m2  # gradients
+_ALIGN = 16  # torch._scaled_mm needs every dimension a multiple of 16
+
+
+def scale_for(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """s mapping max |t| to dtype's largest finite value (fp32 scalar). An all-zero t gets s = 1e12 (its values
+    stay 0); a non-finite t gives a non-finite result, which the step's loss reports and skips."""
+    return torch.finfo(dtype).max / t.detach().abs().amax().float().clamp(min=1e-12)
+
+
+def cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(dtype).max
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t * s in dtype, 1/s), s = scale_for(t, dtype)."""
+    scale = scale_for(t, dtype)
+    return cast(t, scale, dtype), scale.reciprocal()
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix stored column by column: _scaled_mm's layout for its second operand."""
+    return t.t().contiguous().t()
+
+
+def _mm(a, a_inv, b, b_inv, out_dtype):
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+
+
+def _weight_grad(g_q, g_inv, x_qt, x_inv, dtype):
+    """dW = g.T @ x from g (M, N) row-major and x's transpose (K, M) row-major, i.e. x column-major."""
+    return _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, dtype)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype):
+        x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+        w_q, w_inv = quantize(weight, E4M3)
+        y = _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype)
+        # x is kept transposed: the weight gradient reads it so, and the quantizing kernel writes it so once
+        ctx.save_for_backward(x_q.t().contiguous(), x_inv, w_q, w_inv)
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_qt, x_inv, w_q, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g_q, g_inv = quantize(grad.reshape(-1, grad.shape[-1]), E5M2)
+        dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
+        dw = _weight_grad(g_q, g_inv, x_qt, x_inv, w_dtype)
+        return dx.view(ctx.x_shape), dw, None
+
+
+class _ReluSquareMLP(torch.autograd.Function):
+    """c_proj(relu(c_fc(x))^2) with both matmuls in fp8; keeps fp8 x (transposed) and c_fc's output h."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, out_dtype):
+        x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+        fc_q, fc_inv = quantize(w_fc, E4M3)
+        proj_q, proj_inv = quantize(w_proj, E4M3)
+        h = _mm(x_q, x_inv, fc_q.t(), fc_inv, out_dtype)  # (M, 4C)
+        a = F.relu(h).square()
+        a_scale = scale_for(a, E4M3)
+        y = _mm(cast(a, a_scale, E4M3), a_scale.reciprocal(), proj_q.t(), proj_inv, out_dtype)
+        ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale)
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale = ctx.saved_tensors
+        x_dtype, fc_dtype, proj_dtype = ctx.dtypes
+        g_q, g_inv = quantize(grad.reshape(-1, grad.shape[-1]), E5M2)
+        r = F.relu(h)
+        a_qt = cast(r.square(), a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
+        d_proj = _weight_grad(g_q, g_inv, a_qt, a_scale.reciprocal(), proj_dtype)
+        da = _mm(g_q, g_inv, _column_major(proj_q), proj_inv, h.dtype)
+        dh_q, dh_inv = quantize(2 * r * da, E5M2)
+        dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype)
+        d_fc = _weight_grad(dh_q, dh_inv, x_qt, x_inv, fc_dtype)
+        return dx.view(ctx.x_shape), d_fc, d_proj, None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the fp8 path takes this matmul: a training forward with every dimension a multiple of 16."""
+    rows = x.numel() // x.shape[-1]
+    dims = [rows] + [d for w in weights for d in w.shape]
+    return torch.is_grad_enabled() and all(d % _ALIGN == 0 for d in dims)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """x @ weight.T, in fp8 when asked and `applies`, else F.linear (autocast as usual)."""
+    if fp8 and applies(x, weight):
+        return _Linear.apply(x, weight, _out_dtype(x))
+    return F.linear(x, weight)
+
+
+def relu_square_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+    """nanochat's MLP in fp8 (the caller checks `applies`)."""
+    return _ReluSquareMLP.apply(x, w_fc, w_proj, _out_dtype(x))

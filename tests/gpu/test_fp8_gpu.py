@@ -1,0 +1,63 @@
+"""fastsft.fp8 on the GPU: cuBLAS's fp8 kernels (their operand layouts and scales) against the float64 product of
+the same fp8 operands, eager and compiled, at sizes that are multiples of 16 but not of the kernels' tiles. The
+tensor cores accumulate fp8 products with fewer bits than fp32 (1e-4 relative seen on an H200): a matmul is held to
+1e-3. The MLP's second matmuls are held to 5e-2: their fp8 operands are quantized from the first's output, which
+differs from float64's by that 1e-4 and its amax with it, so some elements round to the neighbouring fp8 value
+(4.4e-3 seen for the output on an H200). A wrong layout or scale gives errors of order 1."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsft import fp8
+from tests.test_fp8 import _deq, _rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                                 reason="fp8 matmuls need compute capability 8.9+")]
+
+
+TOL, MLP_TOL = 1e-3, 5e-2
+
+
+def _leaves(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).cuda().requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_and_mlp_match_the_float64_product_of_their_fp8_operands(compiled):
+    M, C = 208, 80
+    x, w, w_fc, w_proj = _leaves((M, C), (3 * C, C), (4 * C, C), (C, 4 * C))
+    lin = torch.compile(fp8.linear, fullgraph=True) if compiled else fp8.linear
+    mlp = torch.compile(fp8.relu_square_mlp, fullgraph=True) if compiled else fp8.relu_square_mlp
+
+    y = lin(x, w, True)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd, wd, gd = _deq(x.detach(), fp8.E4M3), _deq(w.detach(), fp8.E4M3), _deq(g, fp8.E5M2)
+    assert _rel(y, xd @ wd.T) < TOL
+    assert _rel(x.grad, gd @ wd) < TOL
+    assert _rel(w.grad, gd.T @ xd) < TOL
+
+    x.grad = None
+    y = mlp(x, w_fc, w_proj)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fc, proj = _deq(w_fc.detach(), fp8.E4M3), _deq(w_proj.detach(), fp8.E4M3)
+    h = (xd @ fc.T).float()
+    a = _deq(F.relu(h).square(), fp8.E4M3)
+    assert _rel(y, a @ proj.T) < MLP_TOL
+    gd = _deq(g, fp8.E5M2)
+    dh = _deq(2 * F.relu(h) * (gd @ proj).float(), fp8.E5M2)
+    assert _rel(w_proj.grad, gd.T @ a) < MLP_TOL
+    assert _rel(x.grad, dh @ fc) < MLP_TOL
+    assert _rel(w_fc.grad, dh.T @ xd) < MLP_TOL
+
+
+def test_bf16_autocast_output_near_full_precision():
+    x, w = _leaves((4096, 1280), (3840, 1280))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = torch.compile(fp8.linear, fullgraph=True)(x, w, True)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y.float(), x.detach() @ w.detach().T) < 0.06
