@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget train peerprof12 eval
+#                             fp8budget fp8tiling train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -14,7 +14,8 @@
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
 #   keepmlp: the d20 step with recompute_mlp = false (the MLP keeps relu^2's output too); keepmlp12: at d12
 #   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled;
-#            fp8budget: fp8 at d20 with activation_memory_budget = 0.5
+#            fp8budget: fp8 at d20 with activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's
+#            nd tiling (the transposed fp8 stores)
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
@@ -69,8 +70,10 @@ for part in "$@"; do
     budget) step LOG=d20_budget --depth 20 --batch 16 --override=--activation_memory_budget=0.5 ;;
     keepmlp) step LOG=d20_keepmlp --depth 20 --batch 16 --override=--recompute_mlp=false ;;
     keepmlp12) step LOG=d12_keepmlp --depth 12 --batch 32 --override=--recompute_mlp=false ;;
-    fp8_20) step LOG=d20_fp8 TAIL=12 --depth 20 --batch 16 --profile 3 --top 40 --override=--fp8=true ;;
-    fp8_12) step LOG=d12_fp8 TAIL=12 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true ;;
+    fp8_20) step LOG=d20_fp8 TIMEOUT=300 TAIL=12 --depth 20 --batch 16 --profile 3 --top 40 --override=--fp8=true ;;
+    fp8_12) step LOG=d12_fp8 TIMEOUT=300 TAIL=12 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true ;;
+    fp8tiling) step LOG=d20_fp8_tiling --depth 20 --batch 16 --override=--fp8=true \
+                 --inductor triton.prefer_nd_tiling=True ;;
     fp8budget) step LOG=d20_fp8_budget --depth 20 --batch 16 --override=--fp8=true \
                  --override=--activation_memory_budget=0.5 ;;
     train)

@@ -95,10 +95,12 @@ def fastsft_step(args) -> dict:
         graphs = compiled_graphs()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        reserved = [torch.cuda.memory_reserved()]
         for i in range(args.steps):
             marks[i].record()
             loss, _, mbs = optimizer_step(run, args.warmup + i)
             losses.append(loss)
+            reserved.append(torch.cuda.memory_reserved())  # host-side: the allocator maps memory as steps enqueue
             real += sum(b.num_tokens for b in mbs)
             supervised += sum(b.num_supervised for b in mbs)
             convs += sum(b.num_conversations for b in mbs)
@@ -110,10 +112,13 @@ def fastsft_step(args) -> dict:
     times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
     mean_loss = float(torch.stack(losses).float().mean())  # same init and batches: comparable across variants
     peak = torch.cuda.max_memory_allocated() / 2**30
+    # a one-time cost in the window is either a compile (counted above) or the allocator mapping new memory
+    growth = [(i + 1, (b - a) / 2**20) for i, (a, b) in enumerate(zip(reserved, reserved[1:])) if b > a]
+    grown = "reserved memory grew at " + (", ".join(f"step {i} (+{mib:.0f} MiB)" for i, mib in growth) or "no step")
     ms = 1000 * np.array(times)
     print(f"fastsft step ms (device, event to event): median {np.median(ms):.1f}, mean {ms.mean():.1f}, min "
           f"{ms.min():.1f}, max {ms.max():.1f}; wall {1000 * total / args.steps:.1f} per step over the window; "
-          f"graphs compiled in the window {graphs}; mean loss {mean_loss:.4f}; "
+          f"graphs compiled in the window {graphs}; mean loss {mean_loss:.4f}; {grown}; "
           f"all: {' '.join(f'{t:.0f}' for t in ms)}")
     memory = memory_split(run)
     if args.profile:

@@ -56,10 +56,15 @@ def _weight_grad(g_q, g_inv, x_qt, x_inv, dtype):
     return _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a row-major (M, last) matrix: _scaled_mm's layout for its first operand."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+        x_q, x_inv = quantize(_rows(x), E4M3)
         w_q, w_inv = quantize(weight, E4M3)
         y = _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype)
         # x is kept transposed: the weight gradient reads it so, and the quantizing kernel writes it so once
@@ -71,7 +76,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x_qt, x_inv, w_q, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        g_q, g_inv = quantize(grad.reshape(-1, grad.shape[-1]), E5M2)
+        g_q, g_inv = quantize(_rows(grad), E5M2)
         dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
         dw = _weight_grad(g_q, g_inv, x_qt, x_inv, w_dtype)
         return dx.view(ctx.x_shape), dw, None
@@ -82,11 +87,12 @@ class _ReluSquareMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):
-        x_q, x_inv = quantize(x.reshape(-1, x.shape[-1]), E4M3)
+        x_q, x_inv = quantize(_rows(x), E4M3)
         fc_q, fc_inv = quantize(w_fc, E4M3)
         proj_q, proj_inv = quantize(w_proj, E4M3)
         h = _mm(x_q, x_inv, fc_q.t(), fc_inv, out_dtype)  # (M, 4C)
-        a = F.relu(h).square()
+        r = F.relu(h)
+        a = r * r  # not square(): CUDA autocast runs pow in fp32, the backward's recompute would then differ
         a_scale = scale_for(a, E4M3)
         y = _mm(cast(a, a_scale, E4M3), a_scale.reciprocal(), proj_q.t(), proj_inv, out_dtype)
         ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale)
@@ -97,9 +103,9 @@ class _ReluSquareMLP(torch.autograd.Function):
     def backward(ctx, grad):
         x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale = ctx.saved_tensors
         x_dtype, fc_dtype, proj_dtype = ctx.dtypes
-        g_q, g_inv = quantize(grad.reshape(-1, grad.shape[-1]), E5M2)
+        g_q, g_inv = quantize(_rows(grad), E5M2)
         r = F.relu(h)
-        a_qt = cast(r.square(), a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
+        a_qt = cast(r * r, a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
         d_proj = _weight_grad(g_q, g_inv, a_qt, a_scale.reciprocal(), proj_dtype)
         da = _mm(g_q, g_inv, _column_major(proj_q), proj_inv, h.dtype)
         dh_q, dh_inv = quantize(2 * r * da, E5M2)
@@ -118,6 +124,23 @@ def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
     dims = [rows] + [d for w in weights for d in w.shape]
     return torch.is_grad_enabled() and all(d % _ALIGN == 0 for d in dims)
+
+
+def check_supported(device: torch.device, rows: int, model) -> None:
+    """Raise ValueError, naming the cause, where `fp8 = true` would crash or never apply: a GPU without fp8 matmuls,
+    or a micro-batch or block width not a multiple of 16 (every matmul would fall back to bf16)."""
+    if device.type == "cuda":
+        if torch.version.hip:
+            raise ValueError("fp8 = true uses CUDA's float8 (e4m3fn) matmuls; this is a ROCm build of torch")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"fp8 = true needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(device)} is {capability}")
+    widths = {"tokens per micro-batch (device_batch_size x seq_len)": rows, "model.n_embd": model.config.n_embd,
+              "model.n_kv_head x head_dim": model.config.n_kv_head * model.config.head_dim}
+    for name, value in widths.items():
+        if value % _ALIGN:
+            raise ValueError(f"fp8 = true needs {name} to be a multiple of {_ALIGN} (fp8 matmul tiles); got {value}")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, fp8: bool) -> torch.Tensor:

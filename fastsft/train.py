@@ -32,6 +32,7 @@ import torch
 
 from fastsft import checkpoint as ckpt
 from fastsft import distributed as distr
+from fastsft import fp8 as fp8_matmul
 from fastsft.batches import BatchLoader, PackedStream, TaskRenderer
 from fastsft.data.base import DataError
 from fastsft.data.spec import load_mixture
@@ -234,9 +235,8 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         model.loss_layout = cfg.loss_layout
         model.init_rotary()
     model.set_recompute(mlp=cfg.recompute_mlp)
-    if cfg.fp8 and d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
-        raise ValueError(f"fp8 = true needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                         f"{torch.cuda.get_device_name(d.device)} is {torch.cuda.get_device_capability(d.device)}")
+    if cfg.fp8:
+        fp8_matmul.check_supported(d.device, cfg.device_batch_size * cfg.seq_len, model)
     model.set_fp8(cfg.fp8)
     if d.device.type == "cuda" and autocast_dtype(cfg, d.device) == "bfloat16":
         embeddings_to_bf16(model)

@@ -134,8 +134,9 @@ def _packed_loss(model, seed=0):
     return loss_sum / count
 
 
-def test_model_with_fp8_projections_trains_like_full_precision():
-    cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, vocab_size=96, sequence_len=64)
+@pytest.mark.parametrize("n_kv_head", [4, 2])  # grouped-query: q, k and v of different widths in one matmul
+def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head):
+    cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=n_kv_head, vocab_size=96, sequence_len=64)
     model = random_model(cfg).train()
     base = _packed_loss(model)
     base.backward()
@@ -168,3 +169,9 @@ def test_train_config_fp8_reaches_the_model(tmp_path):
     assert all(b.attn.fp8 and b.mlp.fp8 for b in run.model.transformer.h)
     with pytest.raises(ConfigError, match="fp8"):
         tiny_config(tmp_path, "--fp8=maybe")
+    # sizes where no matmul could take the fp8 path: said, not silently trained in bf16
+    with pytest.raises(ValueError, match=r"tokens per micro-batch .* multiple of 16.*got 1000"):
+        train_mod.build_run(tiny_config(tmp_path, "--fp8=true", "--compile=false", "--seq_len=125",
+                                        "--device_batch_size=8"))
+    with pytest.raises(ValueError, match=r"model.n_embd .* got 72"):
+        train_mod.build_run(tiny_config(tmp_path, "--fp8=true", "--compile=false", "--model.n_embd=72"))
