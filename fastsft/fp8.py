@@ -8,7 +8,8 @@ produces its operand.
 
 What stays in bf16: the embeddings, lm_head (the fused loss kernel), the small gates, attention itself, every
 forward without gradients (evaluation, generation), and any matmul whose dimensions are not multiples of 16 (the
-fp8 kernels' constraint); the latter two fall back silently, so one model serves both.
+fp8 kernels' constraint). Those matmuls fall back per call (`applies`), so one model serves training and
+generation; `fp8 = true` refuses a run where none could take fp8 (`check_supported`).
 
 Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2) and the MLP keeps only
 c_fc's output (relu^2 and its fp8 copy are recomputed in the backward with the forward's scale, as `recompute_mlp`
@@ -51,22 +52,30 @@ def _mm(a, a_inv, b, b_inv, out_dtype):
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
 
 
-def _weight_grad(g_q, g_inv, x_qt, x_inv, dtype):
-    """dW = g.T @ x from g (M, N) row-major and x's transpose (K, M) row-major, i.e. x column-major."""
-    return _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, dtype)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as a row-major (M, last) matrix: _scaled_mm's layout for its first operand."""
     return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _project(x_q, x_inv, weight, out_dtype):
+    """x @ weight.T from fp8 x; also returns the fp8 weight and its inverse scale, which the backward reuses."""
+    w_q, w_inv = quantize(weight, E4M3)
+    return _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype), w_q, w_inv
+
+
+def _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, x_dtype, w_dtype):
+    """(dx, dW) of y = x @ w.T from the fp8 gradient g (M, N) and x's transpose (K, M), both row-major: dW = g.T @ x
+    reads both with M contiguous, the only layout Hopper's fp8 matmul takes."""
+    dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
+    dw = _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, w_dtype)
+    return dx, dw
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
         x_q, x_inv = quantize(_rows(x), E4M3)
-        w_q, w_inv = quantize(weight, E4M3)
-        y = _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype)
+        y, w_q, w_inv = _project(x_q, x_inv, weight, out_dtype)
         # x is kept transposed: the weight gradient reads it so, and the quantizing kernel writes it so once
         ctx.save_for_backward(x_q.t().contiguous(), x_inv, w_q, w_inv)
         ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype)
@@ -75,10 +84,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_qt, x_inv, w_q, w_inv = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
         g_q, g_inv = quantize(_rows(grad), E5M2)
-        dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
-        dw = _weight_grad(g_q, g_inv, x_qt, x_inv, w_dtype)
+        dx, dw = _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, *ctx.dtypes)
         return dx.view(ctx.x_shape), dw, None
 
 
@@ -88,13 +95,11 @@ class _ReluSquareMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):
         x_q, x_inv = quantize(_rows(x), E4M3)
-        fc_q, fc_inv = quantize(w_fc, E4M3)
-        proj_q, proj_inv = quantize(w_proj, E4M3)
-        h = _mm(x_q, x_inv, fc_q.t(), fc_inv, out_dtype)  # (M, 4C)
+        h, fc_q, fc_inv = _project(x_q, x_inv, w_fc, out_dtype)  # (M, 4C)
         r = F.relu(h)
         a = r * r  # not square(): CUDA autocast runs pow in fp32, the backward's recompute would then differ
         a_scale = scale_for(a, E4M3)
-        y = _mm(cast(a, a_scale, E4M3), a_scale.reciprocal(), proj_q.t(), proj_inv, out_dtype)
+        y, proj_q, proj_inv = _project(cast(a, a_scale, E4M3), a_scale.reciprocal(), w_proj, out_dtype)
         ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale)
         ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype)
         return y.view(*x.shape[:-1], -1)
@@ -106,11 +111,9 @@ class _ReluSquareMLP(torch.autograd.Function):
         g_q, g_inv = quantize(_rows(grad), E5M2)
         r = F.relu(h)
         a_qt = cast(r * r, a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
-        d_proj = _weight_grad(g_q, g_inv, a_qt, a_scale.reciprocal(), proj_dtype)
-        da = _mm(g_q, g_inv, _column_major(proj_q), proj_inv, h.dtype)
+        da, d_proj = _grads(g_q, g_inv, proj_q, proj_inv, a_qt, a_scale.reciprocal(), h.dtype, proj_dtype)
         dh_q, dh_inv = quantize(2 * r * da, E5M2)
-        dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype)
-        d_fc = _weight_grad(dh_q, dh_inv, x_qt, x_inv, fc_dtype)
+        dx, d_fc = _grads(dh_q, dh_inv, fc_q, fc_inv, x_qt, x_inv, x_dtype, fc_dtype)
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 
 

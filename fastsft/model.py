@@ -222,8 +222,8 @@ class CausalSelfAttention(nn.Module):
     def _qkv(self, x):
         weights = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
         if self.fp8 and fp8_matmul.applies(x, *weights):
-            # one fp8 matmul: x quantized once, one scale for the three. In bf16 the fused form lost (d20, H200:
-            # +4 ms of matmul saved, +14 ms for the backward's concatenation of dq, dk, dv), so bf16 keeps three.
+            # one fp8 matmul: x quantized once, one scale for the three. bf16 keeps three: there the backward's
+            # concatenation of dq, dk and dv cost more than the wide matmul saved (bench/RESULTS.md, run 6).
             qkv = fp8_matmul.linear(x, torch.cat(weights), True)
             return qkv.split([w.shape[0] for w in weights], dim=-1)
         return self.c_q(x), self.c_k(x), self.c_v(x)

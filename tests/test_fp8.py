@@ -22,9 +22,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
-def _leaves(*shapes, seed=0):
+def _leaves(*shapes, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
+    return [torch.randn(*s, generator=g).to(device).requires_grad_() for s in shapes]
 
 
 @pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsft import fp8
-from tests.test_fp8 import _deq, _rel
+from tests.test_fp8 import _deq, _leaves, _rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
@@ -20,15 +20,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TOL, MLP_TOL = 1e-3, 5e-2
 
 
-def _leaves(*shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g).cuda().requires_grad_() for s in shapes]
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_linear_and_mlp_match_the_float64_product_of_their_fp8_operands(compiled):
     M, C = 208, 80
-    x, w, w_fc, w_proj = _leaves((M, C), (3 * C, C), (4 * C, C), (C, 4 * C))
+    x, w, w_fc, w_proj = _leaves((M, C), (3 * C, C), (4 * C, C), (C, 4 * C), device="cuda")
     lin = torch.compile(fp8.linear, fullgraph=True) if compiled else fp8.linear
     mlp = torch.compile(fp8.relu_square_mlp, fullgraph=True) if compiled else fp8.relu_square_mlp
 
@@ -56,7 +51,7 @@ def test_linear_and_mlp_match_the_float64_product_of_their_fp8_operands(compiled
 
 
 def test_bf16_autocast_output_near_full_precision():
-    x, w = _leaves((4096, 1280), (3840, 1280))
+    x, w = _leaves((4096, 1280), (3840, 1280), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = torch.compile(fp8.linear, fullgraph=True)(x, w, True)
     assert y.dtype == torch.bfloat16
