@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget fp8tiling train peerprof12 eval
+#                             fp8budget fp8tiling fp8before fp8cast train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -13,9 +13,12 @@
 #            cost it has; micro12: the d12 step as 2 micro-batches of 16
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
 #   keepmlp: the d20 step with recompute_mlp = false (the MLP keeps relu^2's output too); keepmlp12: at d12
-#   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled;
-#            fp8budget: fp8 at d20 with activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's
-#            nd tiling (the transposed fp8 stores)
+#   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled, beside
+#            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
+#            activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's nd tiling;
+#            fp8before: fp8 at d20 with the fastsft/fp8.py found in .before/ (an earlier commit's, for a before/after
+#            in one command: git show COMMIT:fastsft/fp8.py > .before/fastsft/fp8.py), put back afterwards
+#   fp8cast: the two-layout fp8 cast kernel beside inductor's (bench/gpu_fp8_cast.py) and the fp8 GPU tests
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
@@ -70,8 +73,23 @@ for part in "$@"; do
     budget) step LOG=d20_budget --depth 20 --batch 16 --override=--activation_memory_budget=0.5 ;;
     keepmlp) step LOG=d20_keepmlp --depth 20 --batch 16 --override=--recompute_mlp=false ;;
     keepmlp12) step LOG=d12_keepmlp --depth 12 --batch 32 --override=--recompute_mlp=false ;;
-    fp8_20) step LOG=d20_fp8 TIMEOUT=300 TAIL=12 --depth 20 --batch 16 --profile 3 --top 40 --override=--fp8=true ;;
-    fp8_12) step LOG=d12_fp8 TIMEOUT=300 TAIL=12 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true ;;
+    fp8_20) step LOG=d20_fp8 TIMEOUT=420 TAIL=60 --depth 20 --batch 16 --profile 3 --top 40 --override=--fp8=true \
+              --peer --no-peer-profile --seed-recipe; peer_d20_ran=1 ;;
+    fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
+              --peer --no-peer-profile ;;
+    fp8before)
+      if [ -f .before/fastsft/fp8.py ]; then
+        cp fastsft/fp8.py "$out/fp8_current.py" && cp .before/fastsft/fp8.py fastsft/fp8.py
+        step LOG=d20_fp8_before --depth 20 --batch 16 --override=--fp8=true
+        cp "$out/fp8_current.py" fastsft/fp8.py
+      else
+        echo "fp8before: no .before/fastsft/fp8.py"
+      fi
+      ;;
+    fp8cast)
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
+      python3 bench/gpu_fp8_cast.py --json "$out/fp8_cast.json" 2>&1 | tee "$out/fp8_cast.log" | tail -32
+      ;;
     fp8tiling) step LOG=d20_fp8_tiling --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;
     fp8budget) step LOG=d20_fp8_budget --depth 20 --batch 16 --override=--fp8=true \
