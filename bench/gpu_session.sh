@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget fp8tiling fp8before fp8cast train peerprof12 eval
+#                             fp8budget fp8tiling fp8before fp8test mempeak train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -18,7 +18,9 @@
 #            activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's nd tiling;
 #            fp8before: fp8 at d20 with the fastsft/fp8.py found in .before/ (an earlier commit's, for a before/after
 #            in one command: git show COMMIT:fastsft/fp8.py > .before/fastsft/fp8.py), put back afterwards
-#   fp8cast: the two-layout fp8 cast kernel beside inductor's (bench/gpu_fp8_cast.py) and the fp8 GPU tests
+#   fp8test: the fp8 GPU tests (tests/gpu/test_fp8_gpu.py)
+#   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
+#            activation_memory_budget = 0.5 and fp8 alone
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
@@ -86,13 +88,15 @@ for part in "$@"; do
         echo "fp8before: no .before/fastsft/fp8.py"
       fi
       ;;
-    fp8cast)
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
-      python3 bench/gpu_fp8_cast.py --json "$out/fp8_cast.json" 2>&1 | tee "$out/fp8_cast.log" | tail -32
+    mempeak)
+      step LOG=d20_mempeak_budget TIMEOUT=420 TAIL=24 --depth 20 --batch 16 --memory-peak 16 --override=--fp8=true \
+        --override=--activation_memory_budget=0.5
+      step LOG=d20_mempeak TIMEOUT=300 TAIL=24 --depth 20 --batch 16 --memory-peak 16 --override=--fp8=true
       ;;
+    fp8test) python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6 ;;
     fp8tiling) step LOG=d20_fp8_tiling --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;
-    fp8budget) step LOG=d20_fp8_budget --depth 20 --batch 16 --override=--fp8=true \
+    fp8budget) step LOG=d20_fp8_budget TIMEOUT=420 --depth 20 --batch 16 --override=--fp8=true \
                  --override=--activation_memory_budget=0.5 ;;
     train)
       if [ -z "$peer_d20_ran" ] && [ -f .peer/nanochat_sft_bench.py ]; then  # the side-by-side, same command

@@ -12,7 +12,8 @@ Peer side (--peer, needs `.peer/` as ../shared/peer/README.md says): `.peer/nano
 subprocess on the same GPU, same conversations and seed. Prints step time, real and supervised tokens/s,
 conversations/s, MFU on useful FLOPs, peak memory, and the ratios; `--json FILE` appends the rows.
 Memory is split into what lives between steps (weights, optimizer state) and what one micro-batch's forward keeps
-for its backward (activations): the two numbers behind the memory-scaling table. `--profile N` adds both sides'
+for its backward (activations): the two numbers behind the memory-scaling table; `--memory-peak N` lists what is
+alive at one step's peak, by the line that allocated it. `--profile N` adds both sides'
 GPU time per step by kernel family (fastsft.profiling; the peer through bench/peer_profile.py).
 """
 
@@ -121,6 +122,13 @@ def fastsft_step(args) -> dict:
           f"graphs compiled in the window {graphs}; mean loss {mean_loss:.4f}; {grown}; "
           f"all: {' '.join(f'{t:.0f}' for t in ms)}")
     memory = memory_split(run)
+    peak_sites = None
+    if args.memory_peak:
+        from fastsft.memory_peak import format_peak, record_peak
+
+        peak = record_peak(lambda: optimizer_step(run, args.warmup + args.steps), args.out)
+        print(format_peak(peak, top=args.memory_peak))
+        peak_sites = [dict(where=s.where, code=s.code, gib=s.bytes / 2**30) for s in peak.sites[:args.memory_peak]]
     if args.profile:
         from fastsft.profiling import StepProfiler
 
@@ -134,7 +142,8 @@ def fastsft_step(args) -> dict:
                 step_ms=1000 * float(np.median(times)), real_tok_s=real / total, supervised_tok_s=supervised / total,
                 convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
                 overrides=args.override + [f"inductor.{i}" for i in args.inductor],
-                max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None)
+                max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None,
+                peak_sites=peak_sites)
 
 
 def memory_split(run) -> dict:
@@ -215,6 +224,9 @@ def parse_args(argv=None):
     ap.add_argument("--top", type=int, default=15, help="with --profile: list this many kernels")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="an experiment: set torch._inductor.config.KEY (Python literal) before compiling")
+    ap.add_argument("--memory-peak", type=int, default=0, metavar="N",
+                    help="record one more step's allocations; list the N largest sites alive at its peak "
+                         "(fastsft.memory_peak; the snapshot goes to --out)")
     ap.add_argument("--no-peer-profile", action="store_true", help="with --profile: profile fastsft's side only")
     ap.add_argument("--out", default="/tmp/fastsft-step-bench")
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")

@@ -11,20 +11,15 @@ forward without gradients (evaluation, generation), and any matmul whose dimensi
 fp8 kernels' constraint). Those matmuls fall back per call (`applies`), so one model serves training and
 generation; `fp8 = true` refuses a run where none could take fp8 (`check_supported`).
 
-Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2); the MLP keeps fp8 x and
-fp8 relu^2 only (1 byte each, where bf16 keeps c_fc's output in 2; `_ReluSquareMLP` says why that is enough).
-q, k and v are one fp8 matmul (the model's `_qkv`).
-
-Layouts: Hopper's fp8 matmul reads both operands with the reduced dimension contiguous, so each tensor that a
-weight gradient reads is also stored transposed; kernels/fp8_cast.py writes both layouts in one pass.
+Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2) and the MLP keeps only
+c_fc's output (relu^2 and its fp8 copy are recomputed in the backward with the forward's scale, as `recompute_mlp`
+does for bf16). q, k and v are one fp8 matmul (the model's `_qkv`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from fastsft.kernels.fp8_cast import cast_fp8
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients
@@ -48,14 +43,6 @@ def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return cast(t, scale, dtype), scale.reciprocal()
 
 
-def quantize_both(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, q^T, 1/s) of a row-major matrix t: the operand and its transposed copy, written in one pass
-    (kernels/fp8_cast.py; the same values as quantize's)."""
-    scale = scale_for(t, dtype)
-    q, qt = cast_fp8(t, scale, dtype)
-    return q, qt, scale.reciprocal()
-
-
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     """The same matrix stored column by column: _scaled_mm's layout for its second operand."""
     return t.t().contiguous().t()
@@ -76,60 +63,57 @@ def _project(x_q, x_inv, weight, out_dtype):
     return _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype), w_q, w_inv
 
 
-def _grads(g_q, g_qt, g_inv, w_q, w_inv, x_qt, x_inv, x_dtype, w_dtype):
-    """(dx, dW) of y = x @ w.T from the fp8 gradient g (M, N) in both layouts and fp8 x's transpose (K, M):
-    dW = g.T @ x reads both operands with M contiguous, the only layout Hopper's fp8 matmul takes."""
+def _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, x_dtype, w_dtype):
+    """(dx, dW) of y = x @ w.T from the fp8 gradient g (M, N) and x's transpose (K, M), both row-major: dW = g.T @ x
+    reads both with M contiguous, the only layout Hopper's fp8 matmul takes."""
     dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
-    dw = _mm(g_qt, g_inv, x_qt.t(), x_inv, w_dtype)
+    dw = _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, w_dtype)
     return dx, dw
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x_q, x_qt, x_inv = quantize_both(_rows(x), E4M3)  # x is kept transposed, as the weight gradient reads it
+        x_q, x_inv = quantize(_rows(x), E4M3)
         y, w_q, w_inv = _project(x_q, x_inv, weight, out_dtype)
-        ctx.save_for_backward(x_qt, x_inv, w_q, w_inv)
+        # x is kept transposed: the weight gradient reads it so, and the quantizing kernel writes it so once
+        ctx.save_for_backward(x_q.t().contiguous(), x_inv, w_q, w_inv)
         ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         x_qt, x_inv, w_q, w_inv = ctx.saved_tensors
-        dx, dw = _grads(*quantize_both(_rows(grad), E5M2), w_q, w_inv, x_qt, x_inv, *ctx.dtypes)
+        g_q, g_inv = quantize(_rows(grad), E5M2)
+        dx, dw = _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, *ctx.dtypes)
         return dx.view(ctx.x_shape), dw, None
 
 
 class _ReluSquareMLP(torch.autograd.Function):
-    """c_proj(relu(c_fc(x))^2) with both matmuls in fp8. It keeps only fp8 operands: x and a = relu(h)^2, both
-    transposed as the weight gradients read them. relu(h) for the backward's dh = 2 relu(h) da is sqrt(a): a's
-    rounding error halves under the root (under 3.2%) and dh is then rounded to e5m2 (up to 12.5%), so it adds
-    little, and h (2 bytes) need not be kept or relu^2 recomputed. The backward works in a's layout (M
-    contiguous): da comes out of its matmul transposed."""
+    """c_proj(relu(c_fc(x))^2) with both matmuls in fp8; keeps fp8 x (transposed) and c_fc's output h."""
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):
-        x_q, x_qt, x_inv = quantize_both(_rows(x), E4M3)
+        x_q, x_inv = quantize(_rows(x), E4M3)
         h, fc_q, fc_inv = _project(x_q, x_inv, w_fc, out_dtype)  # (M, 4C)
         r = F.relu(h)
-        a_scale = scale_for(r * r, E4M3)
-        a_q, a_qt = cast_fp8(h, a_scale, E4M3, relu_square=True)
-        a_inv = a_scale.reciprocal()
-        y, proj_q, proj_inv = _project(a_q, a_inv, w_proj, out_dtype)
-        ctx.save_for_backward(x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, a_qt, a_inv)
-        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype, out_dtype)
+        a = r * r  # not square(): CUDA autocast runs pow in fp32, the backward's recompute would then differ
+        a_scale = scale_for(a, E4M3)
+        y, proj_q, proj_inv = _project(cast(a, a_scale, E4M3), a_scale.reciprocal(), w_proj, out_dtype)
+        ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale)
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, a_qt, a_inv = ctx.saved_tensors
-        x_dtype, fc_dtype, proj_dtype, h_dtype = ctx.dtypes
-        g_q, g_qt, g_inv = quantize_both(_rows(grad), E5M2)
-        d_proj = _mm(g_qt, g_inv, a_qt.t(), a_inv, proj_dtype)
-        da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype)  # (4C, M) = W_proj.T @ g.T
-        dh_t = (2 * torch.sqrt(a_qt.float() * a_inv) * da_t).to(h_dtype)
-        dh_tq, dh_q, dh_inv = quantize_both(dh_t, E5M2)  # dh.T and dh
-        dx, d_fc = _grads(dh_q, dh_tq, dh_inv, fc_q, fc_inv, x_qt, x_inv, x_dtype, fc_dtype)
+        x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale = ctx.saved_tensors
+        x_dtype, fc_dtype, proj_dtype = ctx.dtypes
+        g_q, g_inv = quantize(_rows(grad), E5M2)
+        r = F.relu(h)
+        a_qt = cast(r * r, a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
+        da, d_proj = _grads(g_q, g_inv, proj_q, proj_inv, a_qt, a_scale.reciprocal(), h.dtype, proj_dtype)
+        dh_q, dh_inv = quantize(2 * r * da, E5M2)
+        dx, d_fc = _grads(dh_q, dh_inv, fc_q, fc_inv, x_qt, x_inv, x_dtype, fc_dtype)
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 
 

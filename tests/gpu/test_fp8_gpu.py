@@ -44,7 +44,7 @@ def test_linear_and_mlp_match_the_float64_product_of_their_fp8_operands(compiled
     a = _deq(F.relu(h).square(), fp8.E4M3)
     assert _rel(y, a @ proj.T) < MLP_TOL
     gd = _deq(g, fp8.E5M2)
-    dh = _deq(2 * a.sqrt() * (gd @ proj), fp8.E5M2)
+    dh = _deq(2 * F.relu(h) * (gd @ proj).float(), fp8.E5M2)
     assert _rel(w_proj.grad, gd.T @ a) < MLP_TOL
     assert _rel(x.grad, dh @ fc) < MLP_TOL
     assert _rel(w_fc.grad, dh.T @ xd) < MLP_TOL
@@ -56,18 +56,3 @@ def test_bf16_autocast_output_near_full_precision():
         y = torch.compile(fp8.linear, fullgraph=True)(x, w, True)
     assert y.dtype == torch.bfloat16
     assert _rel(y.float(), x.detach() @ w.detach().T) < 0.06
-
-
-@pytest.mark.parametrize("relu_square", [False, True])
-@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
-def test_two_layout_cast_equals_its_definition_bit_for_bit(dtype, relu_square):
-    from fastsft.kernels import fp8_cast
-
-    x = (torch.randn(1000, 1304, device="cuda") * 3).bfloat16()  # partial tiles in both dimensions
-    x[0, :2] = float("nan")
-    scale = fp8.scale_for(torch.relu(x[1:]) ** 2 if relu_square else x[1:], dtype)
-    q, qt = fp8_cast.cast_fp8(x, scale, dtype, relu_square=relu_square)
-    ref_q, ref_qt = fp8_cast.cast_reference(x, scale, dtype, relu_square)
-    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
-    assert torch.equal(qt.view(torch.uint8), ref_qt.view(torch.uint8))
-    assert bool(torch.isnan(q.float()[0, :2]).all())

@@ -1,0 +1,117 @@
+"""What is alive at a step's memory peak, by the line of code that allocated it.
+
+Why: peak memory is a goal of its own (issue 10: 0.6x nanochat's), and the peak is not always where the activations
+are largest. At d20 with fp8 and activation_memory_budget = 0.5, the forward kept 11.7 GiB while the peak was 23 GiB
+over the weights and optimizer state (bench/RESULTS.md, run 7): something in the backward or the optimizer step
+holds as much again. torch's allocator can record every allocation and free with its Python stack
+(`torch.cuda.memory._record_memory_history`); `record_peak` does that around one step, and `peak_allocations`
+replays the trace to the moment of the peak and sums what is alive by allocation site.
+
+The snapshot is also written as a pickle that torch's memory visualizer reads (pytorch.org/memory_viz).
+"""
+
+from __future__ import annotations
+
+import linecache
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Frames inside torch itself say nothing about which tensor it is; the first frame outside names it (fastsft's code
+# or the module inductor generated, whose line is the buffer's allocation).
+_INTERNAL = ("/torch/", "/site-packages/triton/", "<frozen ", "/contextlib.py", "/threading.py")
+
+
+@dataclass
+class Site:
+    where: str  # file:line function
+    code: str  # that line's source, when the file is readable
+    bytes: int
+    blocks: int
+
+
+@dataclass
+class Peak:
+    peak_bytes: int  # allocated at the peak, as torch.cuda.memory_allocated counts it
+    before_bytes: int  # of which allocated before recording began (weights, optimizer state, ...) and still alive
+    sites: list[Site]  # what the step allocated and holds at the peak, largest first
+
+
+def _site(frames: list[dict]) -> tuple[str, str]:
+    for frame in frames:
+        filename = frame.get("filename", "?")
+        if not any(part in filename for part in _INTERNAL):
+            line = frame.get("line", 0)
+            code = linecache.getline(filename, line).strip() if line else ""
+            return f"{Path(filename).name}:{line} {frame.get('name', '?')}", code
+    return "(inside torch)", ""
+
+
+def peak_allocations(snapshot: dict, before_bytes: int, device: int = 0) -> Peak:
+    """Replay one device's allocation trace from `before_bytes` allocated; the live blocks at the largest total.
+
+    An allocation counts from its 'alloc' event until its 'free_requested' (where torch's allocated-bytes counter
+    drops); a freed block that was allocated before recording began comes off `before_bytes`."""
+    events = [e for e in snapshot["device_traces"][device] if e["action"] in ("alloc", "free_requested")]
+
+    def replay(stop: int | None):
+        live, total, before = {}, before_bytes, before_bytes
+        best, best_at = total, -1
+        for i, e in enumerate(events[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                total += e["size"]
+            elif e["addr"] in live:
+                total -= live.pop(e["addr"])["size"]
+            else:
+                total -= e["size"]
+                before -= e["size"]
+            if total > best:
+                best, best_at = total, i
+        return live, before, best, best_at
+
+    _, _, best, best_at = replay(None)
+    live, before, _, _ = replay(best_at + 1)
+    sites: dict[str, Site] = {}
+    for e in live.values():
+        where, code = _site(e.get("frames", []))
+        site = sites.setdefault(where, Site(where, code, 0, 0))
+        site.bytes += e["size"]
+        site.blocks += 1
+    return Peak(best, before, sorted(sites.values(), key=lambda s: -s.bytes))
+
+
+def record_peak(step: Callable[[], object], out_dir: str | Path, max_entries: int = 1_000_000) -> Peak:
+    """Run step() once with the CUDA allocator's history recorded; write the snapshot to out_dir and return the
+    peak's allocations."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("memory_peak: recording the allocator's history needs a CUDA device")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    path = Path(out_dir) / "memory_snapshot.pickle"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(snapshot))
+    return peak_allocations(snapshot, before, torch.cuda.current_device())
+
+
+def format_peak(peak: Peak, top: int = 15) -> str:
+    gib = 2**30
+    lines = [f"memory peak {peak.peak_bytes / gib:.2f} GiB: {peak.before_bytes / gib:.2f} allocated before the step "
+             f"(weights, optimizer state, ...), {(peak.peak_bytes - peak.before_bytes) / gib:.2f} by the step; "
+             f"largest sites alive at the peak:"]
+    for site in peak.sites[:top]:
+        lines.append(f"  {site.bytes / gib:7.3f} GiB  x{site.blocks:<4d} {site.where}  {site.code[:90]}")
+    rest = sum(s.bytes for s in peak.sites[top:])
+    if rest:
+        lines.append(f"  {rest / gib:7.3f} GiB  in {len(peak.sites) - top} more sites")
+    return "\n".join(lines)
