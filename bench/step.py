@@ -230,6 +230,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-peer-profile", action="store_true", help="with --profile: profile fastsft's side only")
     ap.add_argument("--out", default="/tmp/fastsft-step-bench")
     ap.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    ap.add_argument("--label", default=None, help="a name for this run's code or setup, kept in its JSON rows")
     ap.add_argument("--override", action="append", default=[], help="extra --key=value for the driver config")
     return ap.parse_args(argv)
 
@@ -260,7 +261,8 @@ def main() -> None:
         if peer:
             rows.append(peer)
     seed = seed_recipe(args) if args.seed_recipe else None
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.now(timezone.utc).isoformat())
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                date=datetime.now(timezone.utc).isoformat(), label=args.label)
     try:
         import triton
 
