@@ -126,9 +126,10 @@ def fastsft_step(args) -> dict:
     if args.memory_peak:
         from fastsft.memory_peak import format_peak, record_peak
 
-        peak = record_peak(lambda: optimizer_step(run, args.warmup + args.steps), args.out)
-        print(format_peak(peak, top=args.memory_peak))
-        peak_sites = [dict(where=s.where, code=s.code, gib=s.bytes / 2**30) for s in peak.sites[:args.memory_peak]]
+        at_peak = record_peak(lambda: optimizer_step(run, args.warmup + args.steps), args.out)
+        print(format_peak(at_peak, top=args.memory_peak))
+        peak_sites = [dict(where=site.where, code=site.code, gib=site.bytes / 2**30)
+                      for site in at_peak.sites[:args.memory_peak]]
     if args.profile:
         from fastsft.profiling import StepProfiler
 
