@@ -144,6 +144,7 @@ def fastsft_step(args) -> dict:
                 convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
                 overrides=args.override + [f"inductor.{i}" for i in args.inductor],
                 max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None,
+                kernels=[vars(k) for k in run.profiler.kernels] if args.profile else None,  # all, read later
                 peak_sites=peak_sites)
 
 
