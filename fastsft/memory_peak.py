@@ -1,11 +1,10 @@
 """What is alive at a step's memory peak, by the line of code that allocated it.
 
-Why: peak memory is a goal of its own (issue 10: 0.6x nanochat's), and the peak is not always where the activations
-are largest. At d20 with fp8 and activation_memory_budget = 0.5, the forward kept 11.7 GiB while the peak was 23 GiB
-over the weights and optimizer state (bench/RESULTS.md, run 7): something in the backward or the optimizer step
-holds as much again. torch's allocator can record every allocation and free with its Python stack
-(`torch.cuda.memory._record_memory_history`); `record_peak` does that around one step, and `peak_allocations`
-replays the trace to the moment of the peak and sums what is alive by allocation site.
+Why: peak memory is a goal of its own, and the peak is not always where the activations are largest: with
+activation_memory_budget = 0.5 the peak holds about twice what the forward keeps (bench/RESULTS.md, run 7), so
+something in the backward or the optimizer step decides it. torch's allocator can record every allocation and
+free with its Python stack (`torch.cuda.memory._record_memory_history`); `record_peak` does that around one step,
+and `peak_allocations` replays the trace to the moment of the peak and sums what is alive by allocation site.
 
 The snapshot is also written as a pickle that torch's memory visualizer reads (pytorch.org/memory_viz).
 """
@@ -16,6 +15,7 @@ import linecache
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -56,32 +56,23 @@ def peak_allocations(snapshot: dict, before_bytes: int, device: int = 0) -> Peak
     An allocation counts from its 'alloc' event until its 'free_requested' (where torch's allocated-bytes counter
     drops); a freed block that was allocated before recording began comes off `before_bytes`."""
     events = [e for e in snapshot["device_traces"][device] if e["action"] in ("alloc", "free_requested")]
-
-    def replay(stop: int | None):
-        live, total, before = {}, before_bytes, before_bytes
-        best, best_at = total, -1
-        for i, e in enumerate(events[:stop]):
-            if e["action"] == "alloc":
-                live[e["addr"]] = e
-                total += e["size"]
-            elif e["addr"] in live:
-                total -= live.pop(e["addr"])["size"]
-            else:
-                total -= e["size"]
-                before -= e["size"]
-            if total > best:
-                best, best_at = total, i
-        return live, before, best, best_at
-
-    _, _, best, best_at = replay(None)
-    live, before, _, _ = replay(best_at + 1)
+    # a free names its block's size, so the running total needs no bookkeeping of which blocks are alive
+    totals = list(accumulate((e["size"] if e["action"] == "alloc" else -e["size"] for e in events),
+                             initial=before_bytes))
+    at = max(range(len(totals)), key=totals.__getitem__)  # the first of the largest; 0: before any event
+    live, before = {}, before_bytes
+    for e in events[:at]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif live.pop(e["addr"], None) is None:
+            before -= e["size"]
     sites: dict[str, Site] = {}
     for e in live.values():
         where, code = _site(e.get("frames", []))
         site = sites.setdefault(where, Site(where, code, 0, 0))
         site.bytes += e["size"]
         site.blocks += 1
-    return Peak(best, before, sorted(sites.values(), key=lambda s: -s.bytes))
+    return Peak(totals[at], before, sorted(sites.values(), key=lambda s: -s.bytes))
 
 
 def record_peak(step: Callable[[], object], out_dir: str | Path, max_entries: int = 1_000_000) -> Peak:

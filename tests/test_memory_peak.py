@@ -1,14 +1,14 @@
 """fastsft.memory_peak: replaying an allocator trace to its peak, and naming what is alive there by allocation
 site. The trace is built by hand in the format torch.cuda.memory._snapshot() returns (no GPU here)."""
 
-import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastsft import memory_peak
 
-HERE = inspect.getsourcefile(lambda: None)
+HERE = __file__
 INSIDE_TORCH = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 12, "name": "linear"}
 
 
@@ -41,7 +41,7 @@ def test_the_peak_and_what_is_alive_there_by_site():
     assert [(s.bytes, s.blocks) for s in peak.sites] == [(300, 2), (300, 1)]
     forward = next(s for s in peak.sites if s.blocks == 2)
     assert forward.where == "test_memory_peak.py:10 forward"  # the first frame outside torch names the site
-    assert forward.code == open(HERE).read().splitlines()[9].strip()
+    assert forward.code == Path(HERE).read_text().splitlines()[9].strip()
     lines = memory_peak.format_peak(peak, top=1).splitlines()
     assert len(lines) == 3 and "test_memory_peak.py" in lines[1] and lines[2].endswith("in 1 more sites")
 
