@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget fp8tiling variants fp8test mempeak train peerprof12 eval
+#                             fp8budget fp8tiling base variants variant:NAME fp8test mempeak train peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -16,11 +16,12 @@
 #   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled, beside
 #            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
 #            activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's nd tiling;
-#   variants: the d20 fp8 step once per folder .variants/NAME/, whose files (at their repository paths) are put
-#            in place for that step and taken back after it: other commits' code beside this one's in one command
-#            (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py; the folder is ignored, so carry it);
-#            a variant's own files under tests/gpu/ run first
-#   fp8test: the fp8 GPU tests (tests/gpu/test_fp8_gpu.py)
+#   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak), their baseline
+#   variants: the d20 fp8 step once per folder .variants/NAME/ (variant:NAME: that folder only), whose files
+#            (at their repository paths) are put in place for that step and taken back after it: other commits'
+#            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
+#            the folder is ignored, so carry it); a variant's own files under tests/gpu/ run first
+#   fp8test: the fp8 and memory_peak GPU tests
 #   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
 #            activation_memory_budget = 0.5 and fp8 alone
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
@@ -51,6 +52,8 @@ step() {
   timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
 }
 peer_d20_ran=
+# base and each variant: the d20 fp8 step, profiled, with what is alive at its memory peak
+variant_args=(--depth 20 --batch 16 --override=--fp8=true --profile 3 --top 40 --memory-peak 16)
 for part in "$@"; do
   echo "== $part $(date -u +%H:%M:%S)"
   case $part in
@@ -81,9 +84,11 @@ for part in "$@"; do
               --peer --no-peer-profile --seed-recipe; peer_d20_ran=1 ;;
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
               --peer --no-peer-profile ;;
-    variants)
-      for dir in .variants/*/; do
-        [ -d "$dir" ] || { echo "variants: no folder in .variants/"; break; }
+    base) step LOG=d20_fp8_base TIMEOUT=420 TAIL=70 "${variant_args[@]}" --label "variant base" ;;
+    variants|variant:*)
+      if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
+      for dir in "${dirs[@]}"; do
+        [ -d "$dir" ] || { echo "variants: no folder $dir"; break; }
         name=$(basename "$dir"); saved="$out/replaced_$name"
         files=$(cd "$dir" && find . -type f | sed 's|^\./||')
         echo "-- variant $name: $(echo $files)"
@@ -95,7 +100,7 @@ for part in "$@"; do
         if [ -n "$gpu_tests" ]; then
           python3 -m pytest -q -p no:cacheprovider -m gpu $gpu_tests 2>&1 | tee "$out/tests_$name.log" | tail -4
         fi
-        step LOG=d20_fp8_$name TIMEOUT=300 --depth 20 --batch 16 --override=--fp8=true --label "variant $name"
+        step LOG=d20_fp8_$name TIMEOUT=360 TAIL=70 "${variant_args[@]}" --label "variant $name"
         for f in $files; do
           if [ -e "$saved/$f" ]; then cp "$saved/$f" "$f"; else rm -f "$f"; fi
         done
@@ -107,7 +112,7 @@ for part in "$@"; do
       step LOG=d20_mempeak TIMEOUT=300 TAIL=24 --depth 20 --batch 16 --memory-peak 16 --override=--fp8=true
       ;;
     fp8test)
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py tests/gpu/test_memory_peak_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
       ;;
     fp8tiling) step LOG=d20_fp8_tiling --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;

@@ -126,10 +126,14 @@ def fastsft_step(args) -> dict:
     if args.memory_peak:
         from fastsft.memory_peak import format_peak, record_peak
 
-        at_peak = record_peak(lambda: optimizer_step(run, args.warmup + args.steps), args.out)
-        print(format_peak(at_peak, top=args.memory_peak))
-        peak_sites = [dict(where=site.where, code=site.code, gib=site.bytes / 2**30)
-                      for site in at_peak.sites[:args.memory_peak]]
+        try:  # a diagnostic: its failure must not cost the timed row above
+            at_peak = record_peak(lambda: optimizer_step(run, args.warmup + args.steps), args.out)
+        except Exception as exc:  # noqa: BLE001
+            print(f"--memory-peak failed: {type(exc).__name__}: {exc}")
+        else:
+            print(format_peak(at_peak, top=args.memory_peak))
+            peak_sites = [dict(where=site.where, code=site.code, gib=site.bytes / 2**30)
+                          for site in at_peak.sites[:args.memory_peak]]
     if args.profile:
         from fastsft.profiling import StepProfiler
 
