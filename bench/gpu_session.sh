@@ -114,7 +114,7 @@ for part in "$@"; do
     fp8test)
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py tests/gpu/test_memory_peak_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
       ;;
-    fp8tiling) step LOG=d20_fp8_tiling --depth 20 --batch 16 --override=--fp8=true \
+    fp8tiling) step LOG=d20_fp8_tiling TIMEOUT=400 --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;
     fp8budget) step LOG=d20_fp8_budget TIMEOUT=420 --depth 20 --batch 16 --override=--fp8=true \
                  --override=--activation_memory_budget=0.5 ;;

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import linecache
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -23,6 +24,7 @@ import torch
 # Frames inside torch itself say nothing about which tensor it is; the first frame outside names it (fastsft's code
 # or the module inductor generated, whose line is the buffer's allocation).
 _INTERNAL = ("/torch/", "/site-packages/triton/", "<frozen ", "/contextlib.py", "/threading.py")
+_BUFFER = re.compile(r"^\w+ = ")  # `buf59 = empty_strided_cuda(...)`: the name differs per layer
 
 
 @dataclass
@@ -46,6 +48,10 @@ def _site(frames: list[dict]) -> tuple[str, str]:
         if not any(part in filename for part in _INTERNAL):
             line = frame.get("line", 0)
             code = linecache.getline(filename, line).strip() if line else ""
+            if "torchinductor" in filename and code:
+                # Generated code allocates each layer's buffer on a line of its own: one site per allocation,
+                # named by its statement without the buffer's name, adds the 20 layers' copies up.
+                return "inductor: " + _BUFFER.sub("", code), code
             return f"{Path(filename).name}:{line} {frame.get('name', '?')}", code
     return "(inside torch)", ""
 
@@ -101,7 +107,8 @@ def format_peak(peak: Peak, top: int = 15) -> str:
              f"(weights, optimizer state, ...), {(peak.peak_bytes - peak.before_bytes) / gib:.2f} by the step; "
              f"largest sites alive at the peak:"]
     for site in peak.sites[:top]:
-        lines.append(f"  {site.bytes / gib:7.3f} GiB  x{site.blocks:<4d} {site.where}  {site.code[:90]}")
+        code = "" if site.where.startswith("inductor: ") else f"  {site.code[:90]}"  # the name says it already
+        lines.append(f"  {site.bytes / gib:7.3f} GiB  x{site.blocks:<4d} {site.where}{code}")
     rest = sum(s.bytes for s in peak.sites[top:])
     if rest:
         lines.append(f"  {rest / gib:7.3f} GiB  in {len(peak.sites) - top} more sites")

@@ -178,3 +178,30 @@ class StepProfiler:
         for k in self.kernels[:self.top]:
             lines.append(f"  {k.ms_per_step:9.3f} ms  x{k.calls_per_step:<6.4g} {k.family:12} {k.name[:90]}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def triton_compiles():
+    """Yield a list that collects the name of every Triton kernel JIT-compiled while the block runs.
+
+    Why: a kernel is compiled again for each new specialization of its arguments (an int argument divisible by 16
+    or equal to 1, a pointer 16-byte aligned), and a size that comes from the data can reach a new one at any step:
+    a compile (about 0.2-0.5 s, or a load from the disk cache) looks like one slow step. Counted through Triton's
+    cache hook, which fires on each miss of a kernel's in-process cache; the hook in place before is still called.
+    Only @triton.jit kernels launched as such (fastsft's own); inductor's kernels are compiled by inductor."""
+    import triton
+
+    runtime = triton.knobs.runtime
+    previous = runtime.jit_cache_hook
+    names: list[str] = []
+
+    def record(*args, **kwargs):
+        fn = kwargs.get("fn")
+        names.append(getattr(fn, "name", None) or repr(fn))
+        return previous(*args, **kwargs) if previous is not None else None  # truthy would skip the compile
+
+    runtime.jit_cache_hook = record
+    try:
+        yield names
+    finally:
+        runtime.jit_cache_hook = previous

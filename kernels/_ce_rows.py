@@ -45,7 +45,9 @@ def softmax_grad(x, lse, is_target, valid, scale, softcap, HAS_SOFTCAP: tl.const
     return tl.where(valid, g * scale, 0.0)
 
 
-@triton.jit
+# col_offset (a vocabulary chunk's start, scheduled from the number of supervised rows) comes from the data: not
+# specialized (see kernels/_scatter_rows.py). V bounds the loads' mask, where its divisibility lets them vectorize.
+@triton.jit(do_not_specialize=["col_offset"])
 def _ce_rows_kernel(
     x_ptr, x_stride,  # logits (rows, V), any float dtype
     g_ptr, g_stride,  # gradient out (rows, V); may be x_ptr itself: each element is read before it is written

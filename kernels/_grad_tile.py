@@ -58,7 +58,10 @@ def _grad_epilogue(acc, offs_m, offs_n, row_ok, col_ok, out_ptr, stride_out, tgt
     tl.store(out_ptrs, g.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+# M (supervised rows) and v0 (a vocabulary chunk's start, scheduled from M) come from the data: not specialized, so
+# a new value does not compile the kernel again mid-run (see kernels/_scatter_rows.py). W bounds the stores' mask,
+# where its divisibility lets them vectorize: it stays specialized.
+@triton.jit(do_not_specialize=["M", "v0"])
 def _grad_tile_kernel(
     h_ptr, stride_h,  # (M, K) gathered hidden rows
     w_ptr, stride_w,  # (V, K) weight; columns v0.. of the logits are its rows v0..

@@ -60,3 +60,21 @@ def test_frees_of_older_blocks_lower_what_was_there_before():
 def test_recording_needs_a_gpu(tmp_path):
     with pytest.raises(RuntimeError, match="CUDA"):
         memory_peak.record_peak(lambda: None, tmp_path)
+
+
+def test_generated_code_adds_up_the_same_allocation_of_every_layer(tmp_path):
+    """Inductor's module allocates each layer's buffer on a line of its own (buf59 = ..., buf127 = ...): they are
+    one site, named by the statement without the buffer's name."""
+    generated = tmp_path / "torchinductor_user" / "cx" / "cxhash.py"
+    generated.parent.mkdir(parents=True)
+    alloc = "empty_strided_cuda((32768, 5120), (5120, 1), torch.bfloat16)"
+    generated.write_text(f"def call(args):\n    buf59 = {alloc}\n    buf127 = {alloc}\n    buf3 = empty((8, ))\n")
+
+    def frame(line):
+        return {"filename": str(generated), "line": line, "name": "call"}
+
+    trace = [_alloc(1, 100, INSIDE_TORCH, frame(2)), _alloc(2, 100, frame(3)), _alloc(3, 50, frame(4))]
+    peak = memory_peak.peak_allocations({"device_traces": [trace]}, before_bytes=0)
+    assert [(s.where, s.bytes, s.blocks) for s in peak.sites] == [
+        (f"inductor: {alloc}", 200, 2), ("inductor: empty((8, ))", 50, 1)]
+    assert memory_peak.format_peak(peak).splitlines()[1].endswith(f"x2    inductor: {alloc}")

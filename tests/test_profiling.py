@@ -2,6 +2,7 @@
 table whose matmul time is real, and nothing once the profiled steps are over."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,3 +102,45 @@ def test_the_device_is_waited_for_where_the_window_opens_and_closes(tmp_path, mo
 ])
 def test_kernel_families(name, family):
     assert kernel_family(name) == family
+
+
+def test_triton_compiles_names_each_cache_miss_and_keeps_the_hook_before_it():
+    import triton
+
+    from fastsft.profiling import triton_compiles
+
+    runtime = triton.knobs.runtime
+    seen = []
+    before = runtime.jit_cache_hook
+
+    def outer(**kwargs):
+        seen.append(kwargs["fn"].name)
+        return False  # a truthy return would tell Triton to skip the compile
+
+    runtime.jit_cache_hook = outer
+    try:
+        with triton_compiles() as names:
+            # Triton calls the hook this way on a miss of a kernel's in-process cache (runtime/jit.py, _call_hook)
+            assert runtime.jit_cache_hook(key="k", repr="r", fn=SimpleNamespace(name="_scatter_home_kernel"),
+                                          compile={}, is_manual_warmup=False, already_compiled=False) is False
+        assert names == ["_scatter_home_kernel"] and seen == ["_scatter_home_kernel"]
+        assert runtime.jit_cache_hook is outer  # put back
+    finally:
+        runtime.jit_cache_hook = before
+
+
+@pytest.mark.parametrize("module, kernel, data_args", [
+    ("fastsft.kernels._scatter_rows", "_scatter_home_kernel", {"n_rows", "n_sup"}),
+    ("fastsft.kernels._grad_tile", "_grad_tile_kernel", {"M", "v0"}),
+    ("fastsft.kernels._ce_rows", "_ce_rows_kernel", {"col_offset"}),
+])
+def test_sizes_from_the_data_are_not_specialized(module, kernel, data_args, run_without_interpreter):
+    """A size that comes from the data (supervised rows, a vocabulary chunk scheduled from them) must not be part
+    of the kernel's specialization key, or a new value compiles the kernel again mid-run (a slow step). Read from
+    the compiled kernel object, as a GPU run has it (the interpreter's has no specialization)."""
+    code, out, err = run_without_interpreter(
+        f"import importlib; fn = getattr(importlib.import_module({module!r}), {kernel!r}); "
+        "print(sorted(p.name for p in fn.params if p.do_not_specialize))")
+    assert code == 0, err
+    free = set(eval(out))
+    assert data_args <= free, f"{kernel}: {sorted(data_args - free)} still specialized"

@@ -116,3 +116,24 @@ def test_muon_bf16_params_match_the_reference_within_orthogonalization_noise():
     for p, r, p0 in zip(params, ref, init):
         delta, delta_ref = p.float() - p0, r.float() - p0
         assert rel_err(delta, delta_ref) < 0.12  # bf16 orthogonalization noise, as the CPU test allows
+
+
+def test_a_new_number_of_supervised_rows_does_not_compile_the_loss_again():
+    """The linear loss over batches whose supervised-row counts differ in their divisibility by 16 (15, 16, 17, 32
+    of 64 rows): after the first batch, no Triton kernel of the loss compiles again (a compile is a slow step)."""
+    from fastsft.profiling import triton_compiles
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 64, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    later = []
+    for n_sup in (15, 16, 17, 32):
+        targets = torch.full((64,), -1, dtype=torch.long)
+        targets[torch.randperm(64, generator=gen)[:n_sup]] = torch.randint(0, 1000, (n_sup,), generator=gen)
+        hidden = torch.randn(64, 64, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+        with triton_compiles() as names:
+            for layout in ("fast", "low_memory"):
+                linear_cross_entropy(hidden, weight, targets.cuda(), layout=layout)[0].backward()
+            torch.cuda.synchronize()
+        if n_sup != 15:
+            later += [(n_sup, name) for name in names]
+    assert later == []
