@@ -16,12 +16,13 @@
 #   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled, beside
 #            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
 #            activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's nd tiling;
-#   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak), their baseline
+#   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak, where its GPU
+#            waits by bench/trace_gaps.py), their baseline
 #   variants: the d20 fp8 step once per folder .variants/NAME/ (variant:NAME: that folder only), whose files
 #            (at their repository paths) are put in place for that step and taken back after it: other commits'
 #            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
 #            the folder is ignored, so carry it); a variant's own files under tests/gpu/ run first
-#   fp8test: the fp8 and memory_peak GPU tests
+#   fp8test: the fp8 and memory_peak GPU tests, and the loss compiling nothing again for a new row count
 #   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
 #            activation_memory_budget = 0.5 and fp8 alone
 #   train:   nanochat's d20 step (unless step20 ran in this command), then fastsft train --config d20.toml
@@ -84,7 +85,10 @@ for part in "$@"; do
               --peer --no-peer-profile --seed-recipe; peer_d20_ran=1 ;;
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
               --peer --no-peer-profile ;;
-    base) step LOG=d20_fp8_base TIMEOUT=420 TAIL=70 "${variant_args[@]}" --label "variant base" ;;
+    base)
+      step LOG=d20_fp8_base TIMEOUT=420 TAIL=70 "${variant_args[@]}" --label "variant base"
+      python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_base.log"
+      ;;
     variants|variant:*)
       if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
       for dir in "${dirs[@]}"; do
@@ -101,6 +105,7 @@ for part in "$@"; do
           python3 -m pytest -q -p no:cacheprovider -m gpu $gpu_tests 2>&1 | tee "$out/tests_$name.log" | tail -4
         fi
         step LOG=d20_fp8_$name TIMEOUT=360 TAIL=70 "${variant_args[@]}" --label "variant $name"
+        python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
         for f in $files; do
           if [ -e "$saved/$f" ]; then cp "$saved/$f" "$f"; else rm -f "$f"; fi
         done
@@ -112,7 +117,8 @@ for part in "$@"; do
       step LOG=d20_mempeak TIMEOUT=300 TAIL=24 --depth 20 --batch 16 --memory-peak 16 --override=--fp8=true
       ;;
     fp8test)
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py tests/gpu/test_memory_peak_gpu.py 2>&1 | tee "$out/fp8_tests.log" | tail -6
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py tests/gpu/test_memory_peak_gpu.py \
+        "tests/gpu/test_kernels_gpu.py::test_a_new_number_of_supervised_rows_does_not_compile_the_loss_again" 2>&1 | tee "$out/fp8_tests.log" | tail -6
       ;;
     fp8tiling) step LOG=d20_fp8_tiling TIMEOUT=400 --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;
