@@ -11,15 +11,16 @@ forward without gradients (evaluation, generation), and any matmul whose dimensi
 fp8 kernels' constraint). Those matmuls fall back per call (`applies`), so one model serves training and
 generation; `fp8 = true` refuses a run where none could take fp8 (`check_supported`).
 
-Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2) and the MLP keeps only
-c_fc's output (relu^2 and its fp8 copy are recomputed in the backward with the forward's scale, as `recompute_mlp`
-does for bf16). q, k and v are one fp8 matmul (the model's `_qkv`).
+Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2), and the MLP keeps fp8
+x and fp8 relu^2 only (where bf16 keeps c_fc's output in 2 bytes; `_ReluSquareMLP` says why that is enough). q, k and v are one fp8 matmul (the model's `_qkv`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastsft.kernels.fp8_relu_square import relu_square_fp8
 
 E4M3 = torch.float8_e4m3fn  # activations and weights
 E5M2 = torch.float8_e5m2  # gradients
@@ -90,30 +91,37 @@ class _Linear(torch.autograd.Function):
 
 
 class _ReluSquareMLP(torch.autograd.Function):
-    """c_proj(relu(c_fc(x))^2) with both matmuls in fp8; keeps fp8 x (transposed) and c_fc's output h."""
+    """c_proj(relu(c_fc(x))^2) with both matmuls in fp8. It keeps only fp8 operands: x and a = relu(h)^2, both
+    transposed as the weight gradients read them (1 byte each, where keeping h takes 2). a's two layouts come from h
+    in one pass (kernels/fp8_relu_square.py), and h is dropped. The backward takes relu(h) as sqrt(a): a's rounding
+    error halves under the root (under 3.2%) and dh is rounded to e5m2 next (up to 12.5%), so it adds little, and
+    relu^2 is not recomputed. The backward works in a's layout (M contiguous): da comes out of its matmul
+    transposed."""
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):
         x_q, x_inv = quantize(_rows(x), E4M3)
         h, fc_q, fc_inv = _project(x_q, x_inv, w_fc, out_dtype)  # (M, 4C)
         r = F.relu(h)
-        a = r * r  # not square(): CUDA autocast runs pow in fp32, the backward's recompute would then differ
-        a_scale = scale_for(a, E4M3)
-        y, proj_q, proj_inv = _project(cast(a, a_scale, E4M3), a_scale.reciprocal(), w_proj, out_dtype)
-        ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale)
-        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype)
+        a_scale = scale_for(r * r, E4M3)
+        a_q, a_qt = relu_square_fp8(h, a_scale, E4M3)
+        a_inv = a_scale.reciprocal()
+        y, proj_q, proj_inv = _project(a_q, a_inv, w_proj, out_dtype)
+        ctx.save_for_backward(x_q.t().contiguous(), x_inv, fc_q, fc_inv, proj_q, proj_inv, a_qt, a_inv)
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, w_fc.dtype, w_proj.dtype, out_dtype)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, h, a_scale = ctx.saved_tensors
-        x_dtype, fc_dtype, proj_dtype = ctx.dtypes
+        x_qt, x_inv, fc_q, fc_inv, proj_q, proj_inv, a_qt, a_inv = ctx.saved_tensors
+        x_dtype, fc_dtype, proj_dtype, h_dtype = ctx.dtypes
         g_q, g_inv = quantize(_rows(grad), E5M2)
-        r = F.relu(h)
-        a_qt = cast(r * r, a_scale, E4M3).t().contiguous()  # the forward's operand, bit for bit, no 2nd amax
-        da, d_proj = _grads(g_q, g_inv, proj_q, proj_inv, a_qt, a_scale.reciprocal(), h.dtype, proj_dtype)
-        dh_q, dh_inv = quantize(2 * r * da, E5M2)
-        dx, d_fc = _grads(dh_q, dh_inv, fc_q, fc_inv, x_qt, x_inv, x_dtype, fc_dtype)
+        d_proj = _mm(g_q.t().contiguous(), g_inv, a_qt.t(), a_inv, proj_dtype)
+        da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype)  # (4C, M) = W_proj.T @ g.T
+        dh_t = (2 * torch.sqrt(a_qt.float() * a_inv) * da_t).to(h_dtype)
+        dh_tq, dh_inv = quantize(dh_t, E5M2)  # dh.T, row-major: d_fc's first operand as it is
+        dx = _mm(dh_tq.t().contiguous(), dh_inv, _column_major(fc_q), fc_inv, x_dtype)
+        d_fc = _mm(dh_tq, dh_inv, x_qt.t(), x_inv, fc_dtype)
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 
 

@@ -44,7 +44,7 @@ def test_linear_and_mlp_match_the_float64_product_of_their_fp8_operands(compiled
     a = _deq(F.relu(h).square(), fp8.E4M3)
     assert _rel(y, a @ proj.T) < MLP_TOL
     gd = _deq(g, fp8.E5M2)
-    dh = _deq(2 * F.relu(h) * (gd @ proj).float(), fp8.E5M2)
+    dh = _deq(2 * a.sqrt() * (gd @ proj), fp8.E5M2)
     assert _rel(w_proj.grad, gd.T @ a) < MLP_TOL
     assert _rel(x.grad, dh @ fc) < MLP_TOL
     assert _rel(w_fc.grad, dh.T @ xd) < MLP_TOL
@@ -56,3 +56,21 @@ def test_bf16_autocast_output_near_full_precision():
         y = torch.compile(fp8.linear, fullgraph=True)(x, w, True)
     assert y.dtype == torch.bfloat16
     assert _rel(y.float(), x.detach() @ w.detach().T) < 0.06
+
+
+@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [fp8.E4M3, fp8.E5M2])
+def test_relu_square_kernel_equals_its_definition_bit_for_bit(dtype, h_dtype):
+    from fastsft.kernels import fp8_relu_square as rs
+
+    h = (torch.randn(1000, 1304, device="cuda") * 3).to(h_dtype)  # partial tiles in both dimensions
+    scale = fp8.scale_for(torch.relu(h[1:]) * torch.relu(h[1:]), dtype)
+    h[0, :2] = float("nan")
+    ref, ref_t = rs.relu_square_fp8_reference(h, scale, dtype)
+    for rows, cols in ((True, True), (True, False), (False, True)):
+        a, at = rs.relu_square_fp8(h, scale, dtype, rows=rows, cols=cols)
+        if rows:
+            assert torch.equal(a.view(torch.uint8), ref.view(torch.uint8))
+            assert bool(torch.isnan(a.float()[0, :2]).all())
+        if cols:
+            assert torch.equal(at.view(torch.uint8), ref_t.view(torch.uint8))
