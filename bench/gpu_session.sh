@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget fp8tiling base variants variant:NAME fp8test mempeak train peerprof12 eval
+#                             fp8budget fp8tiling base variants variant:NAME knob:KEY=VALUE fp8test mempeak train
+#                             peerprof12 eval
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -22,6 +23,7 @@
 #            (at their repository paths) are put in place for that step and taken back after it: other commits'
 #            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
 #            the folder is ignored, so carry it); a variant's own files under tests/gpu/ run first
+#   knob:KEY=VALUE: the base step with that inductor setting (bench/step.py --inductor KEY=VALUE)
 #   fp8test: the fp8 and memory_peak GPU tests, and the loss compiling nothing again for a new row count
 #   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
 #            activation_memory_budget = 0.5 and fp8 alone
@@ -88,6 +90,10 @@ for part in "$@"; do
     base)
       step LOG=d20_fp8_base TIMEOUT=420 TAIL=70 "${variant_args[@]}" --label "variant base"
       python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_base.log"
+      ;;
+    knob:*)  # the base step with one inductor setting, e.g. knob:triton.coordinate_descent_tuning=True
+      step LOG="d20_fp8_$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" TIMEOUT=420 TAIL=70 "${variant_args[@]}" \
+        --inductor "${part#knob:}" --label "$part"
       ;;
     variants|variant:*)
       if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
