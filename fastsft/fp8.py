@@ -12,7 +12,8 @@ fp8 kernels' constraint). Those matmuls fall back per call (`applies`), so one m
 generation; `fp8 = true` refuses a run where none could take fp8 (`check_supported`).
 
 Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2), and the MLP keeps fp8
-x and fp8 relu^2 only (where bf16 keeps c_fc's output in 2 bytes; `_ReluSquareMLP` says why that is enough). q, k and v are one fp8 matmul (the model's `_qkv`).
+x and fp8 relu^2 only (where bf16 keeps c_fc's output in 2 bytes; `_ReluSquareMLP` says why that is enough). q, k
+and v are one fp8 matmul (the model's `_qkv`).
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.fp8 and fp8_matmul.applies(x, self.c_fc.weight, self.c_proj.weight):
-            return fp8_matmul.relu_square_mlp(x, self.c_fc.weight, self.c_proj.weight)  # recomputes relu^2 itself
+            return fp8_matmul.relu_square_mlp(x, self.c_fc.weight, self.c_proj.weight)  # keeps fp8 relu^2 itself
         if self.recompute_square and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
