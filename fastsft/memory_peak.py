@@ -49,8 +49,8 @@ def _site(frames: list[dict]) -> tuple[str, str]:
             line = frame.get("line", 0)
             code = linecache.getline(filename, line).strip() if line else ""
             if "torchinductor" in filename and code:
-                # Generated code allocates each layer's buffer on a line of its own: one site per allocation,
-                # named by its statement without the buffer's name, adds the 20 layers' copies up.
+                # Generated code allocates each layer's buffer on a line of its own; a site named by the statement
+                # (less the buffer's name) adds the layers' copies of one buffer together.
                 return "inductor: " + _BUFFER.sub("", code), code
             return f"{Path(filename).name}:{line} {frame.get('name', '?')}", code
     return "(inside torch)", ""
