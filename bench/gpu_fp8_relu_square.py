@@ -1,5 +1,5 @@
 """relu(h)^2 to fp8 (kernels/fp8_relu_square.py) on the GPU at the d20 MLP's shape, 32768 x 5120 bf16: each layout
-the fp8 MLP asks for (row-major in the forward, transposed in the backward's recompute, both) timed beside what
+the fp8 MLP asks for (row-major for c_proj's forward, transposed for its weight gradient, both) timed beside what
 inductor compiles from the same definition (the fp8 step's code before the kernel) and a bf16 copy (the bandwidth
 a memory-bound pass reaches), over launch shapes; every variant checked bit for bit against the definition
 (inductor's may differ: it keeps the square in fp32 where the definition rounds it to bf16).

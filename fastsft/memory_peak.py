@@ -24,7 +24,8 @@ import torch
 # Frames inside torch itself say nothing about which tensor it is; the first frame outside names it (fastsft's code
 # or the module inductor generated, whose line is the buffer's allocation).
 _INTERNAL = ("/torch/", "/site-packages/triton/", "<frozen ", "/contextlib.py", "/threading.py")
-_BUFFER = re.compile(r"^\w+ = ")  # `buf59 = empty_strided_cuda(...)`: the name differs per layer
+# Names that differ per layer in generated code (`buf59 = empty_strided_cuda(...)`, `primals_12`), numbered alike
+_NUMBERED = re.compile(r"\b(buf|primals_|tangents_|getitem_|arg)\d+\b")
 
 
 @dataclass
@@ -49,9 +50,11 @@ def _site(frames: list[dict]) -> tuple[str, str]:
             line = frame.get("line", 0)
             code = linecache.getline(filename, line).strip() if line else ""
             if "torchinductor" in filename and code:
-                # Generated code allocates each layer's buffer on a line of its own; a site named by the statement
-                # (less the buffer's name) adds the layers' copies of one buffer together.
-                return "inductor: " + _BUFFER.sub("", code), code
+                # Generated code allocates each layer's buffer on a line of its own; a site named by its module (the
+                # forward's or the backward's) and the statement with the per-layer names numbered alike adds the
+                # layers' copies of one buffer together. `code` keeps one example line.
+                statement = _NUMBERED.sub(lambda m: m.group(1) + "N", code)
+                return f"inductor {Path(filename).stem[:8]}: {statement}", f"{Path(filename).name}:{line}"
             return f"{Path(filename).name}:{line} {frame.get('name', '?')}", code
     return "(inside torch)", ""
 
@@ -107,8 +110,7 @@ def format_peak(peak: Peak, top: int = 15) -> str:
              f"(weights, optimizer state, ...), {(peak.peak_bytes - peak.before_bytes) / gib:.2f} by the step; "
              f"largest sites alive at the peak:"]
     for site in peak.sites[:top]:
-        code = "" if site.where.startswith("inductor: ") else f"  {site.code[:90]}"  # the name says it already
-        lines.append(f"  {site.bytes / gib:7.3f} GiB  x{site.blocks:<4d} {site.where}{code}")
+        lines.append(f"  {site.bytes / gib:7.3f} GiB  x{site.blocks:<4d} {site.where}  {site.code[:90]}")
     rest = sum(s.bytes for s in peak.sites[top:])
     if rest:
         lines.append(f"  {rest / gib:7.3f} GiB  in {len(peak.sites) - top} more sites")

@@ -1,9 +1,9 @@
 """relu(h)^2 of the fp8 MLP, quantized to fp8 in one pass over h, in either layout or both: a (M, N) and a^T (N, M).
 
-Why: the fp8 MLP keeps c_fc's output h and needs relu(h)^2 as an fp8 operand twice: row-major for c_proj's forward,
-and transposed for c_proj's weight gradient (Hopper's fp8 matmul reads both operands with the reduced dimension
-contiguous), recomputed in the backward. Inductor writes that transposed copy with one-byte stores strided by the
-row length: 9.9 ms per d20 step, 0.5 ms a layer (bench/RESULTS.md, run 6). Here each program loads one
+Why: the fp8 MLP needs relu(h)^2 of c_fc's output h as an fp8 operand twice: row-major for c_proj's forward, and
+transposed for c_proj's weight gradient (Hopper's fp8 matmul reads both operands with the reduced dimension
+contiguous); it keeps the transposed copy for its backward in place of h. Inductor writes a transposed copy with
+one-byte stores strided by the row length: 9.9 ms per d20 step, 0.5 ms a layer (bench/RESULTS.md, run 6). Here each program loads one
 (BLOCK_M, BLOCK_N) tile of h, squares and quantizes it once and stores it in the layouts asked for; Triton moves
 the transposed store through shared memory, so it writes whole lines (both layouts at 32768 x 5120 in 0.20 ms
 against inductor's 0.29, run 7).
@@ -11,8 +11,8 @@ against inductor's 0.29, run 7).
 Only here: h is in memory anyway. The same kernel for every fp8 cast lost in the step (run 7): inductor fuses a
 cast into the kernel that produces its operand, and a kernel of its own needs the operand written out first.
 
-relu(h)^2 is rounded to h's dtype before it is scaled, as `r * r` in that dtype rounds it, and the forward and the
-backward both take it from here: the two operands are the same bits. The scale is a device scalar (no host sync).
+relu(h)^2 is rounded to h's dtype before it is scaled, as `r * r` in that dtype rounds it; both layouts come from
+one pass, so the forward's operand and the one the backward keeps are the same bits. The scale is a device scalar (no host sync).
 Rounding is to nearest even and the clamp saturates at the format's largest finite value, as `fastsft.fp8.cast`
 does; a NaN stays NaN. Registered as a torch custom op, so torch.compile calls it as one opaque kernel. It runs
 on CUDA for bf16 and fp16 h; fp32 h (no autocast) and the CPU take the same definition in torch ops: on the H200,
@@ -52,7 +52,7 @@ def relu_square_fp8_reference(h: torch.Tensor, scale: torch.Tensor, dtype: torch
     r = torch.relu(h)
     fmax = torch.finfo(dtype).max
     a = ((r * r).float() * scale).clamp(-fmax, fmax).to(dtype)
-    return a, a.t().contiguous()
+    return a, a.t().clone(memory_format=torch.contiguous_format)  # a copy even where M or N is 1 (no alias)
 
 
 @triton.jit
@@ -97,6 +97,9 @@ def _relu_square_kernel(h_ptr, scale_ptr, a_ptr, at_ptr, M, N, stride_hm, fmax, 
 
 
 def _launch(h, scale, dtype, rows, cols, launch):
+    if h.is_cuda and h.dtype not in _KERNEL_INPUTS:
+        raise TypeError(f"relu_square_fp8: the kernel takes {list(_KERNEL_INPUTS)} h on CUDA, got {h.dtype} (fp32 "
+                        "tiles gave wrong transposed copies on the H200); leave launch= unset for the torch path")
     M, N = h.shape
     a = torch.empty((M, N) if rows else (0,), dtype=dtype, device=h.device)
     at = torch.empty((N, M) if cols else (0,), dtype=dtype, device=h.device)

@@ -62,12 +62,26 @@ def test_saturates():
     assert a.float()[0, :4].tolist() == [448, 0, 256, 64]  # 1000 > 448 clamps; 250 rounds to 256; 62.5 to 64
 
 
-def test_the_op_compiles_and_matches_the_reference():
+def test_the_op_dispatches_and_compiles_in_one_graph():
+    """Through the custom op (its fake under torch.compile, fullgraph): on the CPU the op runs the torch
+    definition, so this checks the op's plumbing and layouts; the kernel inside it is checked on the GPU
+    (tests/gpu/test_fp8_gpu.py)."""
     h = _h(64, 48, torch.bfloat16)
     scale = _scale(h, fp8.E5M2)
     a, at = torch.compile(rs.relu_square_fp8, fullgraph=True)(h, scale, fp8.E5M2)
     ref, ref_t = rs.relu_square_fp8_reference(h, scale, fp8.E5M2)
     assert torch.equal(_bits(a), _bits(ref)) and torch.equal(_bits(at), _bits(ref_t))
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (16, 1)])
+def test_a_single_row_or_column_gives_two_tensors(shape):
+    """a^T of a one-row matrix is the same memory as a; the op must still return two (no alias between outputs)."""
+    h = torch.randn(*shape, dtype=torch.bfloat16)
+    scale = _scale(h, fp8.E4M3)
+    a, at = rs.relu_square_fp8(h, scale, fp8.E4M3)
+    ref, _ = rs.relu_square_fp8_reference(h, scale, fp8.E4M3)
+    assert torch.equal(_bits(a), _bits(ref)) and torch.equal(_bits(at), _bits(ref.t().contiguous()))
+    assert a.data_ptr() != at.data_ptr()
 
 
 def test_bad_arguments_name_the_problem():

@@ -64,17 +64,23 @@ def test_recording_needs_a_gpu(tmp_path):
 
 def test_generated_code_adds_up_the_same_allocation_of_every_layer(tmp_path):
     """Inductor's module allocates each layer's buffer on a line of its own (buf59 = ..., buf127 = ...): they are
-    one site, named by the statement without the buffer's name."""
-    generated = tmp_path / "torchinductor_user" / "cx" / "cxhash.py"
-    generated.parent.mkdir(parents=True)
+    one site, named by the module and the statement with per-layer names numbered alike; another module's (the
+    backward's) same statement is another site."""
+    forward, backward = (tmp_path / "torchinductor_user" / name for name in ("cx/cxforward.py", "cb/cbackwrd.py"))
     alloc = "empty_strided_cuda((32768, 5120), (5120, 1), torch.bfloat16)"
-    generated.write_text(f"def call(args):\n    buf59 = {alloc}\n    buf127 = {alloc}\n    buf3 = empty((8, ))\n")
+    for path, text in ((forward, f"def call(args):\n    buf59 = {alloc}\n    buf127 = {alloc}\n"
+                                 "    buf3 = torch.ops.aten.mm.default(buf59, primals_12)\n"),
+                       (backward, f"def call(args):\n    buf7 = {alloc}\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
 
-    def frame(line):
-        return {"filename": str(generated), "line": line, "name": "call"}
+    def frame(path, line):
+        return {"filename": str(path), "line": line, "name": "call"}
 
-    trace = [_alloc(1, 100, INSIDE_TORCH, frame(2)), _alloc(2, 100, frame(3)), _alloc(3, 50, frame(4))]
+    trace = [_alloc(1, 100, INSIDE_TORCH, frame(forward, 2)), _alloc(2, 100, frame(forward, 3)),
+             _alloc(3, 50, frame(forward, 4)), _alloc(4, 60, frame(backward, 2))]
     peak = memory_peak.peak_allocations({"device_traces": [trace]}, before_bytes=0)
     assert [(s.where, s.bytes, s.blocks) for s in peak.sites] == [
-        (f"inductor: {alloc}", 200, 2), ("inductor: empty((8, ))", 50, 1)]
-    assert memory_peak.format_peak(peak).splitlines()[1].endswith(f"x2    inductor: {alloc}")
+        (f"inductor cxforwar: bufN = {alloc}", 200, 2), (f"inductor cbackwrd: bufN = {alloc}", 60, 1),
+        ("inductor cxforwar: bufN = torch.ops.aten.mm.default(bufN, primals_N)", 50, 1)]
+    assert peak.sites[0].code == "cxforward.py:2"  # one example line of the site
