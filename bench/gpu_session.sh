@@ -124,7 +124,8 @@ for part in "$@"; do
       ;;
     fp8test)
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_fp8_gpu.py tests/gpu/test_memory_peak_gpu.py \
-        "tests/gpu/test_kernels_gpu.py::test_a_new_number_of_supervised_rows_does_not_compile_the_loss_again" 2>&1 | tee "$out/fp8_tests.log" | tail -6
+        "tests/gpu/test_kernels_gpu.py::test_a_new_number_of_supervised_rows_does_not_compile_the_loss_again" 2>&1 \
+        | tee "$out/fp8_tests.log" | tail -6
       ;;
     fp8tiling) step LOG=d20_fp8_tiling TIMEOUT=400 --depth 20 --batch 16 --override=--fp8=true \
                  --inductor triton.prefer_nd_tiling=True ;;

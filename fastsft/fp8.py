@@ -91,12 +91,12 @@ class _Linear(torch.autograd.Function):
 
 class _ReluSquareMLP(torch.autograd.Function):
     """c_proj(relu(c_fc(x))^2) with both matmuls in fp8. It keeps only fp8 operands: x and a = relu(h)^2, both
-    transposed as the weight gradients read them (1 byte each, where keeping h takes 2). a's two layouts come from h
-    in one pass (kernels/fp8_relu_square.py), and h is dropped. The backward takes relu(h) as sqrt(a): a's rounding
-    error halves under the root (under 3.2% for e4m3's normal values; more for relu(h) under ~0.6% of its largest,
-    which a holds as a subnormal, and 0, so dh = 0, under ~0.15%) and dh is rounded to e5m2 next (up to 12.5%), so
-    it adds little, and relu^2 is not recomputed. The backward works in a's layout (M contiguous): da comes out of its matmul
-    transposed."""
+    transposed as the weight gradients read them (1 byte each, where keeping h takes 2). a's two layouts come
+    from h in one pass (kernels/fp8_relu_square.py), and h is dropped. The backward takes relu(h) as sqrt(a):
+    a's rounding error halves under the root (under 3.2% for e4m3's normal values; more for relu(h) under ~0.6%
+    of its largest, which a holds as a subnormal, and 0, so dh = 0, under ~0.15%) and dh is rounded to e5m2 next
+    (up to 12.5%), so it adds little, and relu^2 is not recomputed. The backward works in a's layout (M
+    contiguous): da comes out of its matmul transposed."""
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):

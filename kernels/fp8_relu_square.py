@@ -3,21 +3,21 @@
 Why: the fp8 MLP needs relu(h)^2 of c_fc's output h as an fp8 operand twice: row-major for c_proj's forward, and
 transposed for c_proj's weight gradient (Hopper's fp8 matmul reads both operands with the reduced dimension
 contiguous); it keeps the transposed copy for its backward in place of h. Inductor writes a transposed copy with
-one-byte stores strided by the row length: 9.9 ms per d20 step, 0.5 ms a layer (bench/RESULTS.md, run 6). Here each program loads one
-(BLOCK_M, BLOCK_N) tile of h, squares and quantizes it once and stores it in the layouts asked for; Triton moves
-the transposed store through shared memory, so it writes whole lines (both layouts at 32768 x 5120 in 0.20 ms
-against inductor's 0.29, run 7).
+one-byte stores strided by the row length: 9.9 ms per d20 step, 0.5 ms a layer (bench/RESULTS.md, run 6). Here each
+program loads one (BLOCK_M, BLOCK_N) tile of h, squares and quantizes it once and stores it in the layouts asked
+for; Triton moves the transposed store through shared memory, so it writes whole lines (both layouts at 32768 x 5120
+in 0.20 ms against inductor's 0.29, run 7).
 
 Only here: h is in memory anyway. The same kernel for every fp8 cast lost in the step (run 7): inductor fuses a
 cast into the kernel that produces its operand, and a kernel of its own needs the operand written out first.
 
 relu(h)^2 is rounded to h's dtype before it is scaled, as `r * r` in that dtype rounds it; both layouts come from
-one pass, so the forward's operand and the one the backward keeps are the same bits. The scale is a device scalar (no host sync).
-Rounding is to nearest even and the clamp saturates at the format's largest finite value, as `fastsft.fp8.cast`
-does; a NaN stays NaN. Registered as a torch custom op, so torch.compile calls it as one opaque kernel. It runs
-on CUDA for bf16 and fp16 h; fp32 h (no autocast) and the CPU take the same definition in torch ops: on the H200,
-fp32 tiles gave wrong transposed copies (run 7). The tests run the kernel on the CPU under the interpreter
-through `launch=`.
+one pass, so the forward's operand and the one the backward keeps are the same bits. The scale is a device scalar
+(no host sync). Rounding is to nearest even and the clamp saturates at the format's largest finite value, as
+`fastsft.fp8.cast` does; a NaN stays NaN. Registered as a torch custom op, so torch.compile calls it as one opaque
+kernel. It runs on CUDA for bf16 and fp16 h; fp32 h (no autocast) and the CPU take the same definition in torch ops:
+on the H200, fp32 tiles gave wrong transposed copies (run 7). The tests run the kernel on the CPU under the
+interpreter through `launch=`.
 """
 
 import math
