@@ -23,7 +23,7 @@
 #            (at their repository paths) are put in place for that step and taken back after it: other commits'
 #            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
 #            the folder is ignored, so carry it); a variant's own files under tests/gpu/ run first
-#   knob:KEY=VALUE: the base step with that inductor setting (bench/step.py --inductor KEY=VALUE)
+#   knob:KEY=VALUE: the base step with that inductor setting (bench/step.py --inductor KEY=VALUE), read as base
 #   fp8test: the fp8 and memory_peak GPU tests, and the loss compiling nothing again for a new row count
 #   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
 #            activation_memory_budget = 0.5 and fp8 alone
@@ -55,8 +55,15 @@ step() {
   timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
 }
 peer_d20_ran=
-# base and each variant: the d20 fp8 step, profiled, with what is alive at its memory peak
-variant_args=(--depth 20 --batch 16 --override=--fp8=true --profile 3 --top 40 --memory-peak 16)
+# base, each variant and each knob: the d20 fp8 step, profiled, with what is alive at its memory peak, and where
+# its GPU waits. variant_step NAME LABEL TIMEOUT [step.py-arguments...]
+variant_step() {
+  local name=$1 label=$2 limit=$3
+  shift 3
+  step LOG="d20_fp8_$name" TIMEOUT="$limit" TAIL=70 --depth 20 --batch 16 --override=--fp8=true --profile 3 --top 40 \
+    --memory-peak 16 --label "$label" "$@"
+  python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
+}
 for part in "$@"; do
   echo "== $part $(date -u +%H:%M:%S)"
   case $part in
@@ -87,14 +94,9 @@ for part in "$@"; do
               --peer --no-peer-profile --seed-recipe; peer_d20_ran=1 ;;
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
               --peer --no-peer-profile ;;
-    base)
-      step LOG=d20_fp8_base TIMEOUT=420 TAIL=70 "${variant_args[@]}" --label "variant base"
-      python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_base.log"
-      ;;
+    base) variant_step base "variant base" 420 ;;
     knob:*)  # the base step with one inductor setting, e.g. knob:triton.coordinate_descent_tuning=True
-      step LOG="d20_fp8_$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" TIMEOUT=420 TAIL=70 "${variant_args[@]}" \
-        --inductor "${part#knob:}" --label "$part"
-      ;;
+      variant_step "$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" "$part" 420 --inductor "${part#knob:}" ;;
     variants|variant:*)
       if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
       for dir in "${dirs[@]}"; do
@@ -110,8 +112,7 @@ for part in "$@"; do
         if [ -n "$gpu_tests" ]; then
           python3 -m pytest -q -p no:cacheprovider -m gpu $gpu_tests 2>&1 | tee "$out/tests_$name.log" | tail -4
         fi
-        step LOG=d20_fp8_$name TIMEOUT=360 TAIL=70 "${variant_args[@]}" --label "variant $name"
-        python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
+        variant_step "$name" "variant $name" 360
         for f in $files; do
           if [ -e "$saved/$f" ]; then cp "$saved/$f" "$f"; else rm -f "$f"; fi
         done

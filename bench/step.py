@@ -98,12 +98,12 @@ def fastsft_step(args) -> dict:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         reserved = [torch.cuda.memory_reserved()]
-        compiles = []  # (window step, Triton kernel) for each JIT compile of fastsft's own kernels in the window
+        compiles = []  # "kernel (step i)" for each JIT compile of fastsft's own Triton kernels in the window
         for i in range(args.steps):
             marks[i].record()
             with triton_compiles() as names:
                 loss, _, mbs = optimizer_step(run, args.warmup + i)
-            compiles += [(i, name) for name in names]
+            compiles += [f"{name} (step {i})" for name in names]
             losses.append(loss)
             reserved.append(torch.cuda.memory_reserved())  # host-side: the allocator maps memory as steps enqueue
             real += sum(b.num_tokens for b in mbs)
@@ -124,7 +124,7 @@ def fastsft_step(args) -> dict:
     print(f"fastsft step ms (device, event to event): median {np.median(ms):.1f}, mean {ms.mean():.1f}, min "
           f"{ms.min():.1f}, max {ms.max():.1f}; wall {1000 * total / args.steps:.1f} per step over the window; "
           f"graphs compiled in the window {graphs}; Triton kernels compiled in it: "
-          f"{', '.join(f'{name} (step {i})' for i, name in compiles) or 'none'}; mean loss {mean_loss:.4f}; {grown}; "
+          f"{', '.join(compiles) or 'none'}; mean loss {mean_loss:.4f}; {grown}; "
           f"all: {' '.join(f'{t:.0f}' for t in ms)}")
     memory = memory_split(run)
     peak_sites = None
@@ -154,7 +154,7 @@ def fastsft_step(args) -> dict:
                 overrides=args.override + [f"inductor.{i}" for i in args.inductor],
                 max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None,
                 kernels=[vars(k) for k in run.profiler.kernels] if args.profile else None,  # all, read later
-                peak_sites=peak_sites, triton_compiles=[f"{name} (step {i})" for i, name in compiles])
+                peak_sites=peak_sites, triton_compiles=compiles)
 
 
 def memory_split(run) -> dict:
