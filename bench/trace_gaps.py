@@ -54,7 +54,8 @@ def main() -> None:
             ops_by_tid[e["tid"]].append(e)
     for ops in ops_by_tid.values():
         ops.sort(key=lambda o: o["ts"])
-    steps = args.steps or max(1, sum(1 for e in events if e["name"].startswith("ProfilerStep")))
+    # a CUDA trace holds each ProfilerStep#N twice (the host's range and its GPU annotation): count names, not events
+    steps = args.steps or max(1, len({e["name"] for e in events if e["name"].startswith("ProfilerStep")}))
     if not gpu:
         raise SystemExit(f"{args.trace}: no GPU events (a CPU-only trace has no GPU gaps)")
 

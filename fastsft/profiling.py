@@ -197,7 +197,8 @@ def triton_compiles():
 
     def record(*args, **kwargs):
         fn = kwargs.get("fn")
-        names.append(getattr(fn, "name", None) or repr(fn))
+        name = getattr(fn, "name", None) or repr(fn)
+        names.append(name.rsplit(".", 1)[-1])  # some Triton versions pass the qualified name ("f.<locals>.kernel")
         return previous(*args, **kwargs) if previous is not None else None  # truthy would skip the compile
 
     runtime.jit_cache_hook = record

@@ -121,9 +121,11 @@ def test_triton_compiles_names_each_cache_miss_and_keeps_the_hook_before_it():
     try:
         with triton_compiles() as names:
             # Triton calls the hook this way on a miss of a kernel's in-process cache (runtime/jit.py, _call_hook)
-            assert runtime.jit_cache_hook(key="k", repr="r", fn=SimpleNamespace(name="_scatter_home_kernel"),
-                                          compile={}, is_manual_warmup=False, already_compiled=False) is False
-        assert names == ["_scatter_home_kernel"] and seen == ["_scatter_home_kernel"]
+            for name in ("_scatter_home_kernel", "test_x.<locals>._fresh_kernel"):  # plain, qualified (triton 3.6)
+                assert runtime.jit_cache_hook(key="k", repr="r", fn=SimpleNamespace(name=name), compile={},
+                                              is_manual_warmup=False, already_compiled=False) is False
+        assert names == ["_scatter_home_kernel", "_fresh_kernel"]
+        assert seen == ["_scatter_home_kernel", "test_x.<locals>._fresh_kernel"]
         assert runtime.jit_cache_hook is outer  # put back
     finally:
         runtime.jit_cache_hook = before
@@ -144,3 +146,27 @@ def test_sizes_from_the_data_are_not_specialized(module, kernel, data_args, run_
     assert code == 0, err
     free = set(json.loads(out))
     assert data_args <= free, f"{kernel}: {sorted(data_args - free)} still specialized"
+
+
+def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp_path):
+    """A CUDA trace names each ProfilerStep#N twice (the host's range and its GPU annotation); per-step numbers
+    divide by the steps, not by the events. Two steps; one 60 us gap whose kernel was launched after the GPU idled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def event(name, cat, ts, dur, **args):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
+
+    events = [event(f"ProfilerStep#{i}", cat, 300 * i, 300) for i in (1, 2)
+              for cat in ("user_annotation", "gpu_user_annotation")]
+    events += [event("aten::mm", "cpu_op", 410, 30), event("cudaLaunchKernel", "cuda_runtime", 420, 5, correlation=7),
+               event("k_first", "kernel", 300, 100, correlation=6), event("k_late", "kernel", 460, 100, correlation=7),
+               event("k_next", "kernel", 565, 100, correlation=8)]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
+    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+    assert "2 steps; GPU span 0.18 ms/step, busy 0.15, idle in gaps > 20 us: 0.03 ms/step" in out
+    late = out.split("host late")[1].split("launched in time")[0]
+    assert "0.030 ms  x0.5    aten::mm" in late
