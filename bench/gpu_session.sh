@@ -2,7 +2,7 @@
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
 #                             fp8budget fp8tiling base variants variant:NAME knob:KEY=VALUE fp8test mempeak train
-#                             peerprof12 eval
+#                             peerprof12 eval fp8scaling
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -31,6 +31,8 @@
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
 #   eval:    bench/gpu_eval.py (MMLU / ARC-Easy problems per second of a d20-size model)
+#   fp8scaling: bench/gpu_fp8_scaling.py (each projection's matmuls with tensorwise or blockwise fp8 scales, and
+#            one quantization each way): whether blockwise scales, whose casts need no pass for the maximum, pay
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
 # attention tests fail, the later parts pin torch's varlen attention instead, and say so.
 # Logs and JSON rows go to $OUT (or /tmp/fastsft-gpu); short tables are printed last.
@@ -95,6 +97,10 @@ for part in "$@"; do
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
               --peer --no-peer-profile ;;
     base) variant_step base "variant base" 420 ;;
+    fp8scaling)
+      timeout 300 python3 bench/gpu_fp8_scaling.py --json "$out/fp8_scaling.json" 2>&1 | tee "$out/fp8_scaling.log" \
+        | short 50
+      ;;
     knob:*)  # the base step with one inductor setting, e.g. knob:triton.coordinate_descent_tuning=True
       variant_step "$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" "$part" 420 --inductor "${part#knob:}" ;;
     variants|variant:*)
