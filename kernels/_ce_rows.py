@@ -47,8 +47,8 @@ def softmax_grad(x, lse, is_target, valid, scale, softcap, HAS_SOFTCAP: tl.const
 
 # col_offset (a vocabulary chunk's start, scheduled from the number of supervised rows) comes from the data: not
 # specialized (see kernels/_scatter_rows.py). V and the strides bound the loads, where divisibility lets them
-# vectorize: kept. They are the vocabulary in layout "fast" (the default); "low_memory"'s narrow chunks can still
-# compile a second time (kernels/_grad_tile.py).
+# vectorize: kept. They are the vocabulary in layout "fast" (the default) and multiples of 16 in "low_memory"'s
+# chunks wherever the vocabulary is one (kernels/_grad_tile.py).
 @triton.jit(do_not_specialize=["col_offset"])
 def _ce_rows_kernel(
     x_ptr, x_stride,  # logits (rows, V), any float dtype

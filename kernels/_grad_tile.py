@@ -61,8 +61,7 @@ def _grad_epilogue(acc, offs_m, offs_n, row_ok, col_ok, out_ptr, stride_out, tgt
 # M (supervised rows) and v0 (a vocabulary chunk's start, scheduled from M) come from the data: not specialized, so
 # a new value does not compile the kernel again mid-run (see kernels/_scatter_rows.py). W (and stride_out, the
 # same) bound the stores, where divisibility by 16 lets them vectorize: kept. The schedule's widths are multiples
-# of 16 except for some n_sup near half the rows (vocab_chunks rounds narrow chunks to 8), where a second compile
-# can still come: layout "low_memory" only (the default, "fast", never calls this kernel).
+# of 16 wherever the vocabulary is (vocab_chunks rounds narrow chunks so), so they keep one specialization.
 @triton.jit(do_not_specialize=["M", "v0"])
 def _grad_tile_kernel(
     h_ptr, stride_h,  # (M, K) gathered hidden rows

@@ -214,10 +214,12 @@ def vocab_per_chunk(n_rows, vocab, dtype, tuning=None):
 
 
 def _round_width(width, cols):
-    """A width below the full chunk width, rounded down: 384 columns were slow in the sweep above; multiples of 8
-    keep bf16 rows 16-byte aligned for cuBLAS."""
+    """A width below the full chunk width, rounded down: 384 columns were slow in the sweep above; multiples of 16
+    keep bf16 rows 16-byte aligned for cuBLAS, and give the Triton kernels that take the width one specialization
+    (divisible by 16) wherever the vocabulary is a multiple of 16, so a new number of supervised rows does not
+    compile them again mid-run."""
     if width < cols and width >= 8:
-        width -= width % (256 if width >= 256 else 128 if width >= 128 else 8)
+        width -= width % (256 if width >= 256 else 128 if width >= 128 else 16 if width >= 16 else 8)
     return width
 
 

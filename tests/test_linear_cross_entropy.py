@@ -176,6 +176,19 @@ def test_vocab_chunks_keep_the_tile_in_free_memory(monkeypatch, n_rows, hidden_s
         assert places == ["spare"] * len(places)
 
 
+def test_vocab_chunk_widths_keep_one_triton_specialization_for_any_number_of_supervised_rows():
+    """The tile kernels take a chunk's width as an argument; Triton compiles a kernel again for a width of a new
+    class (divisible by 16 or not). At d20's loss shape (32768 rows, width 1280, vocabulary 32768) and the op's own
+    spare rows, every chunk width for any number of supervised rows is a multiple of 16 (narrow chunks rounded to
+    8 gave widths like 120 for 15615 supervised rows)."""
+    N, H, V = 32768, 1280, 32768
+    widths = set()
+    for n_sup in range(1, N + 1, 37):
+        spare = (N - (2 if 2 * n_sup <= N else 1) * n_sup) * H  # dh's rows beyond the gathered ones
+        widths |= {v1 - v0 for v0, v1, _ in lce_mod.vocab_chunks(n_sup, V, H, torch.bfloat16, spare)}
+    assert len(widths) > 5 and all(w % 16 == 0 for w in widths), sorted(w for w in widths if w % 16)
+
+
 @pytest.mark.parametrize("dtype,ignored_fraction,fused", [(torch.bfloat16, 0.25, True), (torch.bfloat16, 0.75, True),
                                                          (torch.bfloat16, 0.5, True), (torch.float32, 0.5, False)])
 def test_pass_b_tiles_live_in_unwritten_dw(monkeypatch, dtype, ignored_fraction, fused):
