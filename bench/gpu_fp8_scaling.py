@@ -9,8 +9,9 @@ costs, before the step is rebuilt on it.
 
 For each projection of a block (q/k/v as one, attention's c_proj, c_fc, the MLP's c_proj) and each of its three
 matmuls (forward, input gradient, weight gradient), at d20 (16 x 2048 rows, width 1280) and d12 (32 x 2048, 768):
-bf16, tensorwise fp8 (the step's today) and blockwise fp8, each fp8 result checked against the float64 product of
-its dequantized operands; then their sum over a step's layers. Then one (rows, width) bf16 activation quantized
+bf16, tensorwise fp8 (the step's today: gradients in e5m2) and blockwise fp8 (gradients in e4m3, whose 128-value
+groups need no e5m2 range: cuBLAS's blockwise recipes are e4m3), each fp8 result checked against the float64
+product of its dequantized operands; then their sum over a step's layers. Then one (rows, width) bf16 activation quantized
 into both layouts the matmuls read (row-major for the forward, transposed for the weight gradient), compiled:
 tensorwise (a pass for the maximum, a pass for the cast) against blockwise (one pass).
 
@@ -83,7 +84,7 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, re
                       dequantized(xq, xs, 1, G) @ dequantized(wq, ws, G, G).t()),
     }
     # input gradient: g (1 x 128 along N_out) @ W; W.T's blocks are W's, transposed (no second quantization)
-    gq, gs = block_quantize(g, E5M2, 1, G)
+    gq, gs = block_quantize(g, E4M3, 1, G)
     wtq, wtqs = wq.t().contiguous(), ws.t().contiguous()  # (K_in, N_out) row-major and its block scales
     gt, gts = tensor_quantize(g, E5M2)
     wcol = wt.t().contiguous().t()
@@ -96,7 +97,7 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, re
                       dequantized(gq, gs, 1, G) @ dequantized(wtq, wtqs, G, G).t()),
     }
     # weight gradient: g.T (1 x 128 along the rows M) @ x (1 x 128 along M, read column-major)
-    gTq, gTs = block_quantize(g.t().contiguous(), E5M2, 1, G)  # (N_out, M)
+    gTq, gTs = block_quantize(g.t().contiguous(), E4M3, 1, G)  # (N_out, M)
     xTq, xTs = block_quantize(x.t().contiguous(), E4M3, 1, G)  # (K_in, M)
     gTt = gt.t().contiguous()
     xTt = xt.t().contiguous()
