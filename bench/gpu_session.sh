@@ -101,7 +101,7 @@ for part in "$@"; do
       timeout 300 python3 bench/gpu_fp8_scaling.py --json "$out/fp8_scaling.json" 2>&1 | tee "$out/fp8_scaling.log" \
         | short 50
       ;;
-    knob:*)  # the base step with one inductor setting, e.g. knob:triton.coordinate_descent_tuning=True
+    knob:*)  # the base step with one inductor setting, e.g. knob:coordinate_descent_tuning=True
       variant_step "$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" "$part" 420 --inductor "${part#knob:}" ;;
     variants|variant:*)
       if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
