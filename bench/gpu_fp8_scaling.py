@@ -11,9 +11,10 @@ For each projection of a block (q/k/v as one, attention's c_proj, c_fc, the MLP'
 matmuls (forward, input gradient, weight gradient), at d20 (16 x 2048 rows, width 1280) and d12 (32 x 2048, 768):
 bf16, tensorwise fp8 (the step's today: gradients in e5m2) and blockwise fp8 (gradients in e4m3, whose 128-value
 groups need no e5m2 range: cuBLAS's blockwise recipes are e4m3), each fp8 result checked against the float64
-product of its dequantized operands; then their sum over a step's layers. Then one (rows, width) bf16 activation quantized
-into both layouts the matmuls read (row-major for the forward, transposed for the weight gradient), compiled:
-tensorwise (a pass for the maximum, a pass for the cast) against blockwise (one pass).
+product of its dequantized operands; then their sum over a step's layers. Then one (rows, width) bf16 activation
+quantized into both layouts the matmuls read (row-major for the forward, transposed for the weight gradient),
+compiled: tensorwise (a pass for the maximum, then the cast) against blockwise (each layout's groups from their own
+128 values, no pass over the whole tensor first).
 
     python bench/gpu_fp8_scaling.py [--json rows.json] [--tiny --device cpu]  (--tiny: a smoke run of the script)
 
@@ -22,6 +23,7 @@ one whose result matches (the tensorwise path takes dequantizing factors).
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -54,21 +56,29 @@ def dequantized(q: torch.Tensor, s: torch.Tensor, rows: int, cols: int) -> torch
     return (q.double().reshape(R // rows, rows, C // cols, cols) * s.double()[:, None, :, None]).reshape(R, C)
 
 
-def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, reciprocal: bool):
+def outer_major(s: torch.Tensor, inverted: bool) -> torch.Tensor:
+    """A 1 x 128 operand's scales (rows, K / 128) stored column by column, as cuBLAS reads them."""
+    return (1 / s if inverted else s).t().contiguous().t()
+
+
+def weight_scales(s: torch.Tensor, inverted: bool) -> torch.Tensor:
+    """A 128 x 128 operand's scales (N / 128, K / 128) as (K / 128 padded to 4, N / 128), K-major."""
+    s = 1 / s if inverted else s
+    pad = -s.shape[1] % 4
+    return F.pad(s, (0, pad)).t() if pad else s.t()
+
+
+def blockwise_calls(make, exact) -> dict:
+    """make(inverted) -> the blockwise call with its scales as given or inverted, both against one exact product."""
+    return {"blockwise": (make(False), exact), "blockwise 1/s": (make(True), exact)}
+
+
+def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str):
     """The three matmuls of y = x @ W.T, x (M, K_in), W (N_out, K_in), as {name: {recipe: (fn, exact)}} where exact
-    is the float64 product of the operands that recipe's call reads. reciprocal: blockwise scales passed inverted."""
+    is the float64 product of the operands that recipe's call reads."""
     x = torch.randn(M, K_in, generator=gen, device=device).bfloat16()
     w = (torch.randn(N_out, K_in, generator=gen, device=device) / K_in ** 0.5).bfloat16()
     g = (torch.randn(M, N_out, generator=gen, device=device) * 1e-3).bfloat16()
-
-    def outer_major(s):  # a 1 x 128 operand's scales (rows, K / 128) stored column by column, as cuBLAS reads them
-        return (1 / s if reciprocal else s).t().contiguous().t()
-
-    def weight_scales(s):  # a 128 x 128 operand's (N / 128, K / 128) as (K / 128 padded to 4, N / 128), K-major
-        s = 1 / s if reciprocal else s
-        pad = -s.shape[1] % 4
-        return F.pad(s, (0, pad)).t() if pad else s.t()
-
     out = {}
     # forward: x (1 x 128 along K_in) @ W.T (128 x 128)
     xq, xs = block_quantize(x, E4M3, 1, G)
@@ -79,9 +89,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, re
         "bf16": (lambda: x @ w.t(), x.double() @ w.double().t()),
         "tensorwise": (lambda: torch._scaled_mm(xt, wt.t(), scale_a=xts, scale_b=wts, out_dtype=torch.bfloat16),
                        (xt.double() * xts.double()) @ (wt.double() * wts.double()).t()),
-        "blockwise": (lambda: torch._scaled_mm(xq, wq.t(), scale_a=outer_major(xs), scale_b=weight_scales(ws),
-                                               out_dtype=torch.bfloat16),
-                      dequantized(xq, xs, 1, G) @ dequantized(wq, ws, G, G).t()),
+        **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
+            xq, wq.t(), scale_a=outer_major(xs, inv), scale_b=weight_scales(ws, inv), out_dtype=torch.bfloat16),
+            dequantized(xq, xs, 1, G) @ dequantized(wq, ws, G, G).t()),
     }
     # input gradient: g (1 x 128 along N_out) @ W; W.T's blocks are W's, transposed (no second quantization)
     gq, gs = block_quantize(g, E4M3, 1, G)
@@ -92,9 +102,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, re
         "bf16": (lambda: g @ w, g.double() @ w.double()),
         "tensorwise": (lambda: torch._scaled_mm(gt, wcol, scale_a=gts, scale_b=wts, out_dtype=torch.bfloat16),
                        (gt.double() * gts.double()) @ (wt.double() * wts.double())),
-        "blockwise": (lambda: torch._scaled_mm(gq, wtq.t(), scale_a=outer_major(gs), scale_b=weight_scales(wtqs),
-                                               out_dtype=torch.bfloat16),
-                      dequantized(gq, gs, 1, G) @ dequantized(wtq, wtqs, G, G).t()),
+        **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
+            gq, wtq.t(), scale_a=outer_major(gs, inv), scale_b=weight_scales(wtqs, inv), out_dtype=torch.bfloat16),
+            dequantized(gq, gs, 1, G) @ dequantized(wtq, wtqs, G, G).t()),
     }
     # weight gradient: g.T (1 x 128 along the rows M) @ x (1 x 128 along M, read column-major)
     gTq, gTs = block_quantize(g.t().contiguous(), E4M3, 1, G)  # (N_out, M)
@@ -105,9 +115,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str, re
         "bf16": (lambda: g.t() @ x, g.double().t() @ x.double()),
         "tensorwise": (lambda: torch._scaled_mm(gTt, xTt.t(), scale_a=gts, scale_b=xts, out_dtype=torch.bfloat16),
                        (gTt.double() * gts.double()) @ (xTt.double() * xts.double()).t()),
-        "blockwise": (lambda: torch._scaled_mm(gTq, xTq.t(), scale_a=outer_major(gTs), scale_b=outer_major(xTs).t(),
-                                               out_dtype=torch.bfloat16),
-                      dequantized(gTq, gTs, 1, G) @ dequantized(xTq, xTs, 1, G).t()),
+        **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
+            gTq, xTq.t(), scale_a=outer_major(gTs, inv), scale_b=outer_major(xTs, inv).t(), out_dtype=torch.bfloat16),
+            dequantized(gTq, gTs, 1, G) @ dequantized(xTq, xTs, 1, G).t()),
     }
     return out
 
@@ -139,14 +149,11 @@ def measure(models: dict, device: str) -> list[dict]:
     for model, (layers, M, C) in models.items():
         projections = {"q/k/v": (C, 3 * C), "attn c_proj": (C, C), "c_fc": (C, 4 * C), "mlp c_proj": (4 * C, C)}
         for proj, (K_in, N_out) in projections.items():
-            for reciprocal in (False, True):
-                for mm, recipes in matmuls(M, K_in, N_out, gen, device, reciprocal).items():
-                    for recipe, (fn, exact) in recipes.items():
-                        if reciprocal and recipe != "blockwise":
-                            continue
-                        ms, err = _time(fn, exact)
-                        rows.append(dict(model=model, layers=layers, projection=proj, matmul=mm, ms=ms, rel_err=err,
-                                         recipe=recipe + (" 1/s" if reciprocal else "")))
+            for mm, recipes in matmuls(M, K_in, N_out, gen, device).items():
+                for recipe, (fn, exact) in recipes.items():
+                    ms, err = _time(fn, exact)
+                    rows.append(dict(model=model, layers=layers, projection=proj, matmul=mm, recipe=recipe, ms=ms,
+                                     rel_err=err))
             if device == "cuda":
                 torch.cuda.empty_cache()
         for width in (C, 4 * C):
@@ -162,7 +169,7 @@ def measure(models: dict, device: str) -> list[dict]:
 def blockwise(by: dict) -> dict:
     """The blockwise row whose scale convention matches (the smaller error; NaN, a refusal, loses)."""
     options = [by[k] for k in ("blockwise", "blockwise 1/s") if k in by]
-    return min(options, key=lambda r: (r["rel_err"] is None or not r["rel_err"] < float("inf"), r["rel_err"] or 0),
+    return min(options, key=lambda r: r["rel_err"] if math.isfinite(r["rel_err"] or math.nan) else math.inf,
                default={})
 
 

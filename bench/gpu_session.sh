@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget fp8tiling base variants variant:NAME knob:KEY=VALUE fp8test mempeak train
+#                             fp8budget base variants variant:NAME knob:KEY=VALUE fp8test mempeak train
 #                             peerprof12 eval fp8scaling
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
@@ -16,7 +16,7 @@
 #   keepmlp: the d20 step with recompute_mlp = false (the MLP keeps relu^2's output too); keepmlp12: at d12
 #   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled, beside
 #            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
-#            activation_memory_budget = 0.5; fp8tiling: fp8 at d20 with inductor's nd tiling;
+#            activation_memory_budget = 0.5;
 #   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak, where its GPU
 #            waits by bench/trace_gaps.py), their baseline
 #   variants: the d20 fp8 step once per folder .variants/NAME/ (variant:NAME: that folder only), whose files
@@ -134,8 +134,6 @@ for part in "$@"; do
         "tests/gpu/test_kernels_gpu.py::test_a_new_number_of_supervised_rows_does_not_compile_the_loss_again" 2>&1 \
         | tee "$out/fp8_tests.log" | tail -6
       ;;
-    fp8tiling) step LOG=d20_fp8_tiling TIMEOUT=400 --depth 20 --batch 16 --override=--fp8=true \
-                 --inductor triton.prefer_nd_tiling=True ;;
     fp8budget) step LOG=d20_fp8_budget TIMEOUT=420 --depth 20 --batch 16 --override=--fp8=true \
                  --override=--activation_memory_budget=0.5 ;;
     train)

@@ -29,9 +29,9 @@ INTERPRETED_BLOCK_ROWS = 8
 INTERPRETED_BLOCK_COLS = None
 
 
-# n_rows and n_sup come from the data: specialized (n % 16 == 0, n == 1), a value of a new class would compile the
-# kernel again at any step (fastsft.profiling.triton_compiles). They bound the loop and the targets' loads, which
-# lose their vector width (a few KB a call).
+# n_rows and n_sup come from the data. Triton would specialize them (n % 16 == 0, n == 1), and a value of a new
+# class would compile the kernel again at any step (fastsft.profiling.triton_compiles); unspecialized, the loop
+# and the targets' loads they bound lose their vector width (a few KB a call).
 @triton.jit(do_not_specialize=["n_rows", "n_sup"])
 def _scatter_home_kernel(
     dh_ptr, stride,  # (N, H) rows 0..M-1 hold the gradients of the supervised rows, in order
