@@ -172,6 +172,54 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class _ScaledNormKeepingOutput(torch.autograd.Function):
+    """scale * RMSNorm(x), the backward reading the output and 1/rms instead of x. Attention keeps normed q and k
+    for its own backward anyway, so the unnormed, rotated ones (two (N, H, D) tensors a layer, 3.1 GiB at d20) are
+    no longer kept: the backward recovers y = out / scale and takes dx = rstd * (dy - y * mean(dy * y)). The output
+    is rounded to x's dtype, so in 16 bits y carries that rounding (as attention's own backward does)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)  # F.rms_norm's eps
+        out = (xf * rstd * scale).to(x.dtype)
+        ctx.save_for_backward(out, rstd)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, rstd = ctx.saved_tensors
+        y, dy = out.to(rstd.dtype) / ctx.scale, grad.to(rstd.dtype) * ctx.scale
+        return (rstd * (dy - y * (dy * y).mean(-1, keepdim=True))).to(grad.dtype), None
+
+
+class _ValueEmbedMix(torch.autograd.Function):
+    """v + gate * table[idx] (v (..., Hkv, D), gate (..., Hkv)), keeping idx rather than the rows looked up: the
+    backward looks them up again, one gather, where autograd would keep an (N, Hkv * D) tensor per value-embedding
+    layer (0.8 GiB at d20) for the gate's gradient."""
+
+    @staticmethod
+    def forward(ctx, v, gate, table, idx):
+        ctx.save_for_backward(gate, table, idx)
+        return v + gate.unsqueeze(-1) * F.embedding(idx, table).view_as(v).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, table, idx = ctx.saved_tensors
+        # index_select, not embedding: the compiled graph would merge a second embedding with the forward's, and
+        # keep its output after all
+        ve = table.index_select(0, idx.reshape(-1)).view_as(grad).to(grad.dtype)
+        d_rows = (grad * gate.unsqueeze(-1)).reshape(-1, table.shape[1]).to(table.dtype)
+        d_table = torch.ops.aten.embedding_dense_backward(d_rows, idx.reshape(-1), table.shape[0], -1, False)
+        return grad, (grad * ve).sum(-1), d_table, None
+
+
+def scaled_norm(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * norm(x) in x's dtype, keeping its output (not x) for the backward."""
+    return _ScaledNormKeepingOutput.apply(x, scale)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the head dim as nanochat does (by -theta). x (..., H, D); cos/sin (..., 1, D/2)."""
     half = x.shape[-1] // 2
@@ -204,18 +252,18 @@ class CausalSelfAttention(nn.Module):
         self.fp8 = False  # GPT.set_fp8
 
     def forward(self, x, ve, cos, sin, window, attend):
-        # x (..., C) with ... = (N,) packed or (B, T) cached; ve (..., Hkv*D) or None
+        # x (..., C) with ... = (N,) packed or (B, T) cached; ve: the layer's value embedding (table, idx) or None
         lead = x.shape[:-1]
         q, k, v = self._qkv(x)
         q = q.view(*lead, self.n_head, self.head_dim)  # (..., H, D)
         k = k.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
         v = v.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
         if ve is not None:
-            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))  # (..., Hkv)
-            v = v + gate.unsqueeze(-1) * ve.view_as(v).to(v.dtype)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        if self.qk_scale:
-            q, k = q * QK_SCALE, k * QK_SCALE
+            # the gate's input as a tensor of its own: as a slice, the matmul's backward would keep all of x
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels].contiguous()))
+            v = _ValueEmbedMix.apply(v, gate, *ve)
+        scale = QK_SCALE if self.qk_scale else 1.0
+        q, k = scaled_norm(apply_rotary(q, cos, sin), scale), scaled_norm(apply_rotary(k, cos, sin), scale)
         y = attend(q, k, v, window, self.layer_idx)  # (..., H, D)
         return fp8_matmul.linear(y.reshape(*lead, -1), self.c_proj.weight, self.fp8)
 
@@ -225,7 +273,9 @@ class CausalSelfAttention(nn.Module):
             # one fp8 matmul: x quantized once, one scale for the three. bf16 keeps three: there the backward's
             # concatenation of dq, dk and dv cost more than the wide matmul saved (bench/RESULTS.md, run 6).
             qkv = fp8_matmul.linear(x, torch.cat(weights), True)
-            return qkv.split([w.shape[0] for w in weights], dim=-1)
+            q, k, v = qkv.split([w.shape[0] for w in weights], dim=-1)
+            # attention keeps v for its backward: as a view it would keep all of qkv alive (1.6 GiB more at d20)
+            return q, k, v.contiguous()
         return self.c_q(x), self.c_k(x), self.c_v(x)
 
 
@@ -542,7 +592,9 @@ class GPT(nn.Module):
         return self._logits(hidden)
 
     def _smear(self, x, prev, has_prev):
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., : self.config.smear_channels]))
+        # the gate's input as a tensor of its own: as a slice, the matmul's backward would keep all of x
+        gate_in = x[..., : self.config.smear_channels].contiguous()
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(gate_in))
         return x + has_prev.to(x.dtype) * gate * prev
 
     def _blocks(self, idx, x, cos, sin, attend):
@@ -553,7 +605,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if cfg.resid_lambdas:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            ve = self.value_embeds[str(i)](idx) if cfg.has_value_embed(i) else None
+            ve = (self.value_embeds[str(i)].weight, idx) if cfg.has_value_embed(i) else None
             x = block(x, ve, cos, sin, self.window_sizes[i], attend)
             if cfg.backout and i == self.backout_layer:
                 x_backout = x
