@@ -173,16 +173,19 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ScaledNormKeepingOutput(torch.autograd.Function):
-    """scale * RMSNorm(x), the backward reading the output and 1/rms instead of x. Attention keeps normed q and k
-    for its own backward anyway, so the unnormed, rotated ones (two (N, H, D) tensors a layer, 3.1 GiB at d20) are
-    no longer kept: the backward recovers y = out / scale and takes dx = rstd * (dy - y * mean(dy * y)). The output
-    is rounded to x's dtype, so in 16 bits y carries that rounding (as attention's own backward does)."""
+    """scale * norm(x) in x's dtype, the backward reading the output and 1/rms instead of x. Attention keeps normed
+    q and k for its own backward anyway, so the unnormed, rotated ones (two (N, H, D) tensors a layer, 3.1 GiB at
+    d20) are no longer kept: the backward recovers y = out / scale and takes dx = rstd * (dy - y * mean(dy * y)).
+    The forward is norm's, autocast included (CUDA's runs rms_norm in fp32, so 16-bit q and k are rounded once, where
+    attention casts them), so the output has the bits it had; in 16 bits the backward's y carries that rounding (as
+    attention's own backward does)."""
 
     @staticmethod
     def forward(ctx, x, scale):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)  # F.rms_norm's eps
-        out = (xf * rstd * scale).to(x.dtype)
+        y = norm(x)
+        xf = x.to(torch.promote_types(y.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(y.dtype).eps)  # rms_norm's eps: y's dtype
+        out = (y * scale).to(x.dtype)
         ctx.save_for_backward(out, rstd)
         ctx.scale = scale
         return out

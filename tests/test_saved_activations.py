@@ -24,18 +24,16 @@ def test_scaled_norm_matches_rms_norm_and_gradcheck(scale):
     assert torch.autograd.gradcheck(lambda t: scaled_norm(t, scale), (x.requires_grad_(),))
 
 
-def test_scaled_norm_bf16_rounds_once_and_its_gradient_is_close():
+def test_scaled_norm_bf16_has_norms_bits_and_a_close_gradient():
     x = torch.randn(33, 5, 128, generator=torch.Generator().manual_seed(1))
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
     xb = x.bfloat16().requires_grad_()
     out = scaled_norm(xb, 1.2)
     assert out.dtype == torch.bfloat16
-    eps = torch.finfo(torch.bfloat16).eps  # F.rms_norm's default for bf16 input
-    ref = xb.detach().float() * torch.rsqrt(xb.detach().float().square().mean(-1, keepdim=True) + eps) * 1.2
-    assert torch.equal(out.float(), ref.bfloat16().float())
-    out.backward(grad.bfloat16())
+    assert torch.equal(out, F.rms_norm(xb.detach(), (128,)) * 1.2)  # the model's formula before, bit for bit
+    out.backward(grad)
     xf = xb.detach().float().requires_grad_()
-    (F.rms_norm(xf, (128,), eps=eps) * 1.2).backward(grad.bfloat16().float())
+    (F.rms_norm(xf, (128,), eps=torch.finfo(torch.bfloat16).eps) * 1.2).backward(grad.float())
     rel = (xb.grad.float() - xf.grad).norm() / xf.grad.norm()
     assert rel < 1e-2, rel
 
