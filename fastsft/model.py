@@ -183,8 +183,8 @@ class _ScaledNormKeepingOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale):
         y = norm(x)
-        xf = x.to(torch.promote_types(y.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(y.dtype).eps)  # rms_norm's eps: y's dtype
+        xf = x.to(torch.promote_types(y.dtype, torch.float32))  # the dtype rms_norm computes in, at least fp32
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)  # and its eps
         out = (y * scale).to(x.dtype)
         ctx.save_for_backward(out, rstd)
         ctx.scale = scale
@@ -205,21 +205,28 @@ class _ValueEmbedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, gate, table, idx):
         ctx.save_for_backward(gate, table, idx)
+        ctx.v_dtype = v.dtype
         return v + gate.unsqueeze(-1) * F.embedding(idx, table).view_as(v).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         gate, table, idx = ctx.saved_tensors
-        # index_select, not embedding: the compiled graph would merge a second embedding with the forward's, and
-        # keep its output after all
-        ve = table.index_select(0, idx.reshape(-1)).view_as(grad).to(grad.dtype)
-        d_rows = (grad * gate.unsqueeze(-1)).reshape(-1, table.shape[1]).to(table.dtype)
-        d_table = torch.ops.aten.embedding_dense_backward(d_rows, idx.reshape(-1), table.shape[0], -1, False)
-        return grad, (grad * ve).sum(-1), d_table, None
+        d_gate = d_table = None
+        if ctx.needs_input_grad[1]:
+            # index_select, not embedding: the compiled graph would merge a second embedding with the forward's,
+            # and keep its output after all
+            ve = table.index_select(0, idx.reshape(-1)).view_as(grad).to(ctx.v_dtype)
+            d_gate = (grad * ve).sum(-1)
+        if ctx.needs_input_grad[2]:
+            d_rows = (grad * gate.unsqueeze(-1)).reshape(-1, table.shape[1]).to(table.dtype)
+            d_table = torch.ops.aten.embedding_dense_backward(d_rows, idx.reshape(-1), table.shape[0], -1, False)
+        return grad, d_gate, d_table, None
 
 
 def scaled_norm(x: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * norm(x) in x's dtype, keeping its output (not x) for the backward."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # generation, evaluation: no 1/rms to keep
+        return (norm(x) * scale).to(x.dtype)
     return _ScaledNormKeepingOutput.apply(x, scale)
 
 

@@ -24,18 +24,29 @@ def test_scaled_norm_matches_rms_norm_and_gradcheck(scale):
     assert torch.autograd.gradcheck(lambda t: scaled_norm(t, scale), (x.requires_grad_(),))
 
 
-def test_scaled_norm_bf16_has_norms_bits_and_a_close_gradient():
-    x = torch.randn(33, 5, 128, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("size", [1.0, 0.05, 0.003])
+def test_scaled_norm_bf16_has_norms_bits_and_its_gradient(size, autocast):
+    """Small rows too: there rms_norm's eps (fp32's, the dtype it computes in, for 16-bit input) is what matters."""
+    x = torch.randn(33, 5, 128, generator=torch.Generator().manual_seed(1)) * size
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
-    xb = x.bfloat16().requires_grad_()
-    out = scaled_norm(xb, 1.2)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, F.rms_norm(xb.detach(), (128,)) * 1.2)  # the model's formula before, bit for bit
+    xb, xr = x.bfloat16().requires_grad_(), x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = scaled_norm(xb, 1.2)
+        ref = F.rms_norm(xr, (128,)) * 1.2  # the model's formula before
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(out.dtype))  # bit for bit
     out.backward(grad)
     xf = xb.detach().float().requires_grad_()
-    (F.rms_norm(xf, (128,), eps=torch.finfo(torch.bfloat16).eps) * 1.2).backward(grad.float())
+    (F.rms_norm(xf, (128,)) * 1.2).backward(grad.float())  # the same math in fp32, torch's default eps
     rel = (xb.grad.float() - xf.grad).norm() / xf.grad.norm()
     assert rel < 1e-2, rel
+
+
+def test_scaled_norm_keeps_nothing_without_gradients():
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(scaled_norm(x, 1.2), F.rms_norm(x, (16,)) * 1.2)
+    assert scaled_norm(x, 1.2).grad_fn is None  # x needs no gradient: the plain path
 
 
 @pytest.fixture
@@ -119,6 +130,7 @@ def test_value_embed_mix_gradients_equal_autograds():
     gate = torch.rand(2, 5, 3, dtype=torch.float64, generator=gen).requires_grad_()
     table = torch.randn(7, 12, dtype=torch.float64, generator=gen).requires_grad_()
     assert torch.autograd.gradcheck(lambda *t: _ValueEmbedMix.apply(*t, idx), (v, gate, table))
+    assert torch.autograd.gradcheck(lambda t: _ValueEmbedMix.apply(v.detach(), gate.detach(), t, idx), (table,))
     grad = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=gen)
     mine = torch.autograd.grad(_ValueEmbedMix.apply(v, gate, table, idx), (v, gate, table), grad)
     plain = torch.autograd.grad(v + gate.unsqueeze(-1) * F.embedding(idx, table).view_as(v), (v, gate, table), grad)
