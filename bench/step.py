@@ -149,8 +149,8 @@ def fastsft_step(args) -> dict:
                 run.profiler.step()
     run.loader.close()
     return dict(side="fastsft", depth=args.depth, batch=args.batch, micro_batch=micro,
-                step_ms=1000 * float(np.median(times)), real_tok_s=real / total, supervised_tok_s=supervised / total,
-                convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
+                step_ms=1000 * float(np.median(times)), window_ms=1000 * total / args.steps, real_tok_s=real / total,
+                supervised_tok_s=supervised / total, convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
                 overrides=args.override + [f"inductor.{i}" for i in args.inductor],
                 max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None,
                 kernels=[vars(k) for k in run.profiler.kernels] if args.profile else None,  # all, read later
@@ -186,16 +186,42 @@ def run_peer(args, batch: int, side: str, extra: tuple = ()) -> dict | None:
     if out.returncode != 0:
         print(text[-3000:])
         return None
+    return peer_row(text, side, args.depth, batch, args.seq, args.steps)
+
+
+def peer_row(text: str, side: str, depth: int, batch: int, seq: int, steps: int) -> dict:
+    """The peer's printed numbers as a row, with its real-token count mended.
+
+    The peer zeroes its counters after the first timed step has already fetched (and counted) the next batch,
+    so its real tokens and conversations cover steps - 1 batches while its time covers steps: both read 1/steps
+    low (its supervised count is taken per step and is right). Its tok/s are over the window's total time; its
+    mean step comes back from the MFU it prints (padded tokens over that time), so a ratio can also be taken at
+    the median step, which slow outlier steps do not move."""
     num = r"([\d,\.]+)"
 
     def grab(pattern):
         m = re.search(pattern, text)
         return float(m.group(1).replace(",", "")) if m else float("nan")
 
-    return dict(side=side, depth=args.depth, batch=batch, step_ms=grab(r"step ms median " + num),
-                real_tok_s=grab(r"real tok/s " + num), supervised_tok_s=grab(r"supervised tok/s " + num),
-                convs_s=grab(r"convs/s " + num), mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100,
-                peak_gib=grab(r"peak mem " + num))
+    counted = steps / (steps - 1)
+    row = dict(side=side, depth=depth, batch=batch, step_ms=grab(r"step ms median " + num),
+               real_tok_s=grab(r"real tok/s " + num) * counted, supervised_tok_s=grab(r"supervised tok/s " + num),
+               convs_s=grab(r"convs/s " + num) * counted, mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100,
+               peak_gib=grab(r"peak mem " + num))
+    if "SEED-RECIPE" not in text:  # the seed recipe's MFU counts real tokens, not padded ones
+        row["window_ms"] = 1000 * grab(r"flops/tok " + num) * 1e9 * batch * seq / (row["mfu"] * 989e12)
+    return row
+
+
+def ratios(f: dict, n: dict) -> dict:
+    """fastsft / nanochat throughput over each side's timed window, and at each side's median step (the same
+    tokens per step, divided by the median instead of the mean step time). The lower of the two is the claim."""
+    window = {k: f[k] / n[k] for k in ("real_tok_s", "supervised_tok_s")}
+    if "window_ms" not in f or not n.get("window_ms", 0) > 0:
+        return dict(window=window)
+    # tokens per step over the median step: each side's rate over its window, times window / median step
+    spread = (f["window_ms"] / f["step_ms"]) / (n["window_ms"] / n["step_ms"])
+    return dict(window=window, median={k: v * spread for k, v in window.items()})
 
 
 def peer_step(args) -> dict | None:
@@ -294,8 +320,9 @@ def main() -> None:
               f"{r.get('activations_gib', float('nan')):7.1f}")
     if len(rows) == 2:
         f, n = rows
-        print(f"ratio fastsft/nanochat d{args.depth}: real {f['real_tok_s'] / n['real_tok_s']:.2f}x, supervised "
-              f"{f['supervised_tok_s'] / n['supervised_tok_s']:.2f}x, memory {f['peak_gib'] / n['peak_gib']:.2f}x")
+        for basis, r in ratios(f, n).items():
+            print(f"ratio fastsft/nanochat d{args.depth} ({basis}): real {r['real_tok_s']:.2f}x, supervised "
+                  f"{r['supervised_tok_s']:.2f}x, memory {f['peak_gib'] / n['peak_gib']:.2f}x")
     if seed:
         f = rows[0]
         print(f"seed recipe d{args.depth} B4: real {seed['real_tok_s']:,.0f} tok/s, supervised "
