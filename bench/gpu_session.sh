@@ -18,7 +18,8 @@
 #            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
 #            activation_memory_budget = 0.5;
 #   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak, where its GPU
-#            waits by bench/trace_gaps.py), their baseline
+#            waits by bench/trace_gaps.py, its 12 slowest compiled kernels' code by bench/kernel_sources.py),
+#            their baseline
 #   variants: the d20 fp8 step once per folder .variants/NAME/ (variant:NAME: that folder only), whose files
 #            (at their repository paths) are put in place for that step and taken back after it: other commits'
 #            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
@@ -65,6 +66,8 @@ variant_step() {
   step LOG="d20_fp8_$name" TIMEOUT="$limit" TAIL=70 --depth 20 --batch 16 --override=--fp8=true --profile 3 --top 40 \
     --memory-peak 16 --label "$label" "$@"
   python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
+  # the slowest compiled kernels' code: the cache that holds it goes with the machine
+  python3 bench/kernel_sources.py "$out/step.jsonl" "$out/kernels_$name" --top 12 >"$out/kernels_$name.log" 2>&1
 }
 for part in "$@"; do
   echo "== $part $(date -u +%H:%M:%S)"

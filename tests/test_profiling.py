@@ -2,6 +2,9 @@
 table whose matmul time is real, and nothing once the profiled steps are over."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -151,10 +154,6 @@ def test_sizes_from_the_data_are_not_specialized(module, kernel, data_args, run_
 def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp_path):
     """A CUDA trace names each ProfilerStep#N twice (the host's range and its GPU annotation); per-step numbers
     divide by the steps, not by the events. Two steps; one 60 us gap whose kernel was launched after the GPU idled."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     def event(name, cat, ts, dur, **args):
         return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
 
@@ -170,3 +169,25 @@ def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp
     assert "2 steps; GPU span 0.18 ms/step, busy 0.15, idle in gaps > 20 us: 0.03 ms/step" in out
     late = out.split("host late")[1].split("launched in time")[0]
     assert "0.030 ms  x0.5    aten::mm" in late
+
+
+def test_kernel_sources_copies_the_slowest_kernels_of_a_family_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "cslow.py").write_text("@triton.jit\ndef triton_per_fused_slow_3(in_ptr0, xnumel):\n    pass\n")
+    (cache / "ab" / "cfast.py").write_text("def triton_poi_fused_fast_1(in_ptr0):\n    pass\n")
+    kernels = [dict(name="triton_poi_fused_fast_1", family="elementwise", ms_per_step=0.5, calls_per_step=20),
+               dict(name="triton_per_fused_slow_3", family="elementwise", ms_per_step=6.4, calls_per_step=9),
+               dict(name="triton_red_fused_gone_2", family="elementwise", ms_per_step=2.0, calls_per_step=20),
+               dict(name="nvjet_sm90_qqtst", family="matmul", ms_per_step=19.9, calls_per_step=80)]
+    rows = tmp_path / "step.jsonl"
+    rows.write_text(json.dumps(dict(side="fastsft", kernels=None)) + "\n" + json.dumps(dict(kernels=kernels)) + "\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_sources.py"
+    out = subprocess.run([sys.executable, str(script), str(rows), str(tmp_path / "out"), "--top", "2", "--cache",
+                          str(cache)], capture_output=True, text=True, check=True).stdout
+    assert out.index("triton_per_fused_slow_3") < out.index("triton_red_fused_gone_2")  # slowest first
+    assert "not in the cache" in out and "triton_poi_fused_fast_1" not in out  # top 2 of the family only
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert copied == ["triton_per_fused_slow_3.py"]
+    text = (tmp_path / "out" / "triton_per_fused_slow_3.py").read_text()
+    assert text.startswith("# 6.400 ms per step, 9 calls, from cslow.py") and "def triton_per_fused_slow_3(" in text
