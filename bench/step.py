@@ -150,7 +150,8 @@ def fastsft_step(args) -> dict:
     run.loader.close()
     return dict(side="fastsft", depth=args.depth, batch=args.batch, micro_batch=micro,
                 step_ms=1000 * float(np.median(times)), window_ms=1000 * total / args.steps, real_tok_s=real / total,
-                supervised_tok_s=supervised / total, convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak, mean_loss=mean_loss,
+                supervised_tok_s=supervised / total, convs_s=convs / total, mfu=flops / total / 989e12, peak_gib=peak,
+                mean_loss=mean_loss,
                 overrides=args.override + [f"inductor.{i}" for i in args.inductor],
                 max_seqs=run.max_seqs, **memory, families=run.profiler.families if args.profile else None,
                 kernels=[vars(k) for k in run.profiler.kernels] if args.profile else None,  # all, read later
@@ -203,11 +204,11 @@ def peer_row(text: str, side: str, depth: int, batch: int, seq: int, steps: int)
         m = re.search(pattern, text)
         return float(m.group(1).replace(",", "")) if m else float("nan")
 
-    counted = steps / (steps - 1)
+    counted = steps / (steps - 1) if steps > 1 else float("nan")  # one timed step: no batch counted at all
     row = dict(side=side, depth=depth, batch=batch, step_ms=grab(r"step ms median " + num),
                real_tok_s=grab(r"real tok/s " + num) * counted, supervised_tok_s=grab(r"supervised tok/s " + num),
-               convs_s=grab(r"convs/s " + num) * counted, mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100,
-               peak_gib=grab(r"peak mem " + num))
+               convs_s=grab(r"convs/s " + num) * counted, peak_gib=grab(r"peak mem " + num),
+               mfu=grab(r"MFU\(nanochat formula, 989 TF peak\) " + num) / 100)
     if "SEED-RECIPE" not in text:  # the seed recipe's MFU counts real tokens, not padded ones
         row["window_ms"] = 1000 * grab(r"flops/tok " + num) * 1e9 * batch * seq / (row["mfu"] * 989e12)
     return row
