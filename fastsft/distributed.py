@@ -81,8 +81,28 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
-    """Leave the process group together: a rank that tears down while rank 0 still writes its report can leave
-    rank 0 hanging in its own teardown (seen with gloo on torch 2.13), so all ranks meet at a barrier first."""
+    """Leave the process group together, then free it with the GIL released. Free the DDP wrapper first.
+
+    All ranks meet at a barrier: a rank that tears down while rank 0 still writes its report can leave rank 0
+    hanging in its own teardown (seen with gloo on torch 2.13).
+
+    Why the group must die here, and the DDP wrapper before it (torch 2.13 sources):
+    - ProcessGroupGloo's destructor joins its worker threads (ProcessGroupGloo.cpp, ~ProcessGroupGloo).
+    - A worker may still hold the last reference to a finished collective: runLoop drops its `work` after
+      execute() has marked it complete, so the caller's wait(), and the barrier's wait on prior work, can return
+      before the worker lets go. Dropping that work's tensors takes the GIL: a C++ reference to a tensor that has
+      a Python object going from 2 to 1 decrefs that object (c10/util/intrusive_ptr.h, reset_not_null_).
+    - So whoever drops the group's last reference must not hold the GIL. Python's ProcessGroup does not: its
+      pybind holder releases the GIL before destroying it (IntrusivePtrNoGilDestructor, c10d/init.cpp). DDP's
+      Reducer does: a plain shared_ptr holder, destroyed with the GIL held. A Reducer that outlives
+      destroy_process_group holds the last reference and joins a worker that waits for the GIL: the hang of
+      test_ddp_two_processes_match_one (py-spy: main thread in ~Reducer -> ~ProcessGroupGloo -> join), made
+      certain in test_ddp_exits_with_a_worker_still_freeing_a_tensor.
+    With the Reducer gone, `group` keeps the group alive through destroy_process_group (whose registries drop
+    their references in C++ calls that may hold the GIL) and drops the last reference itself, GIL released:
+    a worker still letting go then gets the GIL, and the join returns, however late the worker runs."""
     if d.active and dist.is_initialized():
+        group = dist.group.WORLD
         dist.barrier()
         dist.destroy_process_group()
+        del group  # the group's last reference: ~ProcessGroupGloo joins its workers here, without the GIL

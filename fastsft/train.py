@@ -553,6 +553,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, run: Run | None = None)
         samples = answer_samples(run.model, run.tokenizer, run.val_tasks, cfg.samples, cfg.seq_len, d.device,
                                  run.autocast)
     summary = log.finish(step, after, samples, finished)
+    if d.active:
+        run.step_model = run.model  # frees the DDP wrapper: its Reducer must not outlive the process group (shutdown)
     distr.shutdown(d)
     return summary
 

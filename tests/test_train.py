@@ -428,6 +428,49 @@ def test_ddp_two_processes_match_one(tmp_path, tokenizer_file):
     np.testing.assert_allclose(ddp_losses, one_losses, rtol=2e-5)
 
 
+# Run under torchrun: fastsft.train with one collective still on a gloo worker when the group is destroyed. Rank 1
+# joins it 0.5 s late, so the worker surely frees the (Python) tensor then, which takes the GIL: the state the race
+# reaches now and then under CPU contention (distributed.shutdown's docstring), made certain.
+IN_FLIGHT_AT_DESTROY = """
+import sys, threading, time, weakref
+import torch, torch.distributed as dist
+from fastsft.train import main
+
+destroy = dist.destroy_process_group
+
+
+def destroy_with_a_collective_in_flight(group=None):
+    if dist.get_rank() == 1:
+        time.sleep(0.5)
+    t = torch.ones(1)
+    weakref.finalize(t, lambda: print("freed on", threading.current_thread().name, flush=True))
+    dist.all_reduce(t, async_op=True)
+    del t
+    destroy(group)
+
+
+dist.destroy_process_group = destroy_with_a_collective_in_flight
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_exits_with_a_worker_still_freeing_a_tensor(tmp_path, tokenizer_file):
+    """A gloo worker that frees a tensor while the rank tears the group down waits for the GIL; before the fix, DDP's
+    Reducer destroyed the group (joining that worker) with the GIL held, and the rank hung."""
+    script = tmp_path / "in_flight.py"
+    script.write_text(IN_FLIGHT_AT_DESTROY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(29500 + (os.getpid() + 500) % 1000), str(script), f"--out_dir={tmp_path / 'ddp'}", DATA,
+                           *TINY, "--num_iterations=1", "--target_examples_per_step=8", "--loader_thread=false",
+                           "--val_data=", f"--tokenizer={tokenizer_file}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("freed on") == 2 and "freed on MainThread" not in out  # by a gloo worker, on each rank
+
+
 def test_dry_run_goes_through_the_same_config(capsys):
     from fastsft.cli import main
 
