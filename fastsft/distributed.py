@@ -81,7 +81,8 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
-    """Leave the process group together, then free it with the GIL released. Free the DDP wrapper first.
+    """Leave the process group together, then free it with the GIL released. The caller frees its DDP wrapper
+    first (run_training does): a Reducer that outlives the group would free it with the GIL held.
 
     All ranks meet at a barrier: a rank that tears down while rank 0 still writes its report can leave rank 0
     hanging in its own teardown (seen with gloo on torch 2.13).

@@ -230,6 +230,12 @@ def scaled_norm(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _ScaledNormKeepingOutput.apply(x, scale)
 
 
+def gate_input(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """x's first channels as a tensor of their own, for a gate's matmul: as a slice, the matmul's backward would
+    keep all of x alive (an (N, width) tensor a layer)."""
+    return x[..., :channels].contiguous()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the head dim as nanochat does (by -theta). x (..., H, D); cos/sin (..., 1, D/2)."""
     half = x.shape[-1] // 2
@@ -269,8 +275,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
         v = v.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
         if ve is not None:
-            # the gate's input as a tensor of its own: as a slice, the matmul's backward would keep all of x
-            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels].contiguous()))
+            gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(gate_input(x, self.ve_gate_channels)))
             v = _ValueEmbedMix.apply(v, gate, *ve)
         scale = QK_SCALE if self.qk_scale else 1.0
         q, k = scaled_norm(apply_rotary(q, cos, sin), scale), scaled_norm(apply_rotary(k, cos, sin), scale)
@@ -602,9 +607,7 @@ class GPT(nn.Module):
         return self._logits(hidden)
 
     def _smear(self, x, prev, has_prev):
-        # the gate's input as a tensor of its own: as a slice, the matmul's backward would keep all of x
-        gate_in = x[..., : self.config.smear_channels].contiguous()
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(gate_in))
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(gate_input(x, self.config.smear_channels)))
         return x + has_prev.to(x.dtype) * gate * prev
 
     def _blocks(self, idx, x, cos, sin, attend):
