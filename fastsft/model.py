@@ -188,7 +188,10 @@ class _ScaledNormKeepingOutput(torch.autograd.Function):
         out = (y * scale).to(x.dtype)
         ctx.save_for_backward(out, rstd)
         ctx.scale = scale
-        return out
+        # A view, not out itself: torch 2.11's dynamo sends the gradient of an output the Function also saves to
+        # the wrong slot, so the compiled backward got zeros for q and k (pytorch issue 180642; the view is a
+        # tensor of its own, the storage the same)
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
