@@ -120,9 +120,11 @@ class _ReluSquareMLP(torch.autograd.Function):
         g_q, g_inv = quantize(_rows(grad), E5M2)
         d_proj = _mm(g_q.t().contiguous(), g_inv, a_qt.t(), a_inv, proj_dtype)
         da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype)  # (4C, M) = W_proj.T @ g.T
-        dh_t = (2 * torch.sqrt(a_qt.float() * a_inv) * da_t).to(h_dtype)
-        dh_tq, dh_inv = quantize(dh_t, E5M2)  # dh.T, row-major: d_fc's first operand as it is
-        dx = _mm(dh_tq.t().contiguous(), dh_inv, _column_major(fc_q), fc_inv, x_dtype)
+        from fastsft.kernels.fp8_relu_square_grad import relu_square_grad_fp8
+
+        # dh = 2 sqrt(a) da, quantized in both layouts: dh.T row-major is d_fc's first operand, dh dx's
+        dh_tq, dh_q, dh_inv = relu_square_grad_fp8(da_t, a_qt, a_inv, E5M2)
+        dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype)
         d_fc = _mm(dh_tq, dh_inv, x_qt.t(), x_inv, fc_dtype)
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 

@@ -66,8 +66,8 @@ def _round_to_fp8_grid(y, tiny, MANTISSA: tl.constexpr):
                                                                                              bitcast=True)
     magic = tiny * (1 << SHIFT)  # a float whose spacing is the subnormal step, so the sum rounds to that grid
     a = tl.abs(y)
-    sub = tl.where(y < 0, -1.0, 1.0) * ((a + magic) - magic)
-    return tl.where(a < tiny, sub, normal)
+    sub = (((a + magic) - magic).to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+    return tl.where(a < tiny, sub, normal)  # the sign from y's bits: -0 (and what rounds to it) stays -0
 
 
 @triton.jit

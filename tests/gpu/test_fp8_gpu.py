@@ -74,3 +74,23 @@ def test_relu_square_kernel_equals_its_definition_bit_for_bit(dtype, h_dtype):
             assert bool(torch.isnan(a.float()[0, :2]).all())
         if cols:
             assert torch.equal(at.view(torch.uint8), ref_t.view(torch.uint8))
+
+
+@pytest.mark.parametrize("da_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [fp8.E5M2, fp8.E4M3])
+def test_relu_square_grad_kernels_equal_their_definition_bit_for_bit(dtype, da_dtype):
+    from fastsft.kernels import fp8_relu_square as rs
+    from fastsft.kernels import fp8_relu_square_grad as rg
+
+    h = (torch.randn(1000, 1304, device="cuda") * 3).to(da_dtype)  # partial tiles in both dimensions
+    a_scale = fp8.scale_for(torch.relu(h) * torch.relu(h), fp8.E4M3)
+    a, _ = rs.relu_square_fp8(h, a_scale, fp8.E4M3)
+    da = (torch.randn(1000, 1304, device="cuda") * 1e-3).to(da_dtype)
+    ref, ref_t, ref_inv = rg.relu_square_grad_fp8_reference(da, a, a_scale.reciprocal(), dtype)
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_scale.reciprocal(), dtype)
+    assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8), ref_t.view(torch.uint8))
+    assert torch.equal(inv, ref_inv)
+    da[3, 5] = float("nan")
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_scale.reciprocal(), dtype)
+    assert not torch.isfinite(inv) and not bool(torch.isfinite(q.float()).all())
