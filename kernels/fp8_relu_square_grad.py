@@ -80,7 +80,8 @@ def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, max_ptr, q_ptr, qt_ptr, inv_ptr, M
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    scale = tl.div_rn(fmax, tl.maximum(tl.load(max_ptr), floor))
+    # fmax / m as torch computes a number over a tensor: 1 / m rounded, times fmax rounded (not one division)
+    scale = tl.div_rn(1.0, tl.maximum(tl.load(max_ptr), floor)) * fmax
     if (pid_m == 0) & (pid_n == 0):
         tl.store(inv_ptr, tl.div_rn(1.0, scale))
     dh, ok = _dh_tile(da_ptr, a_ptr, tl.load(a_inv_ptr), offs_m, offs_n, M, N, MANUAL_ROUNDING)

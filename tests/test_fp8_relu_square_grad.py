@@ -45,6 +45,21 @@ def test_the_reference_is_fp8_quantize_of_dh():
     assert torch.equal(_bits(ref), _bits(q)) and torch.equal(ref_inv, inv) and torch.equal(_bits(ref_t), _bits(q.t()))
 
 
+def test_the_scale_is_torchs_number_over_tensor():
+    """torch computes fmax / m as (1 / m) * fmax, two roundings: a maximum where that differs from one division."""
+    fmax = torch.finfo(fp8.E5M2).max
+    ones = torch.arange(1.0, 2.0, 2.0**-7).bfloat16().float()  # every bf16 value in [1, 2)
+    two_step = ones.reciprocal() * fmax
+    one_step = (torch.tensor(fmax, dtype=torch.float64) / ones.double()).float()
+    m = ones[two_step != one_step][0]
+    da = torch.full((18, 34), 0.01).bfloat16()
+    da[4, 9] = m / 2  # dh = 2 da where a * a_inv = 1
+    a, a_inv = torch.ones(18, 34).to(fp8.E4M3), torch.tensor(1.0)
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_inv, fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+    _, _, ref_inv = rg.relu_square_grad_fp8_reference(da, a, a_inv, fp8.E5M2)
+    assert torch.equal(inv, ref_inv) and torch.equal(inv, (m.reciprocal() * fmax).reciprocal())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_dh_gives_a_non_finite_result(bad):
     da, a, a_inv = _operands(20, 36, torch.bfloat16, seed=2)
