@@ -122,7 +122,8 @@ class _ReluSquareMLP(torch.autograd.Function):
         da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype)  # (4C, M) = W_proj.T @ g.T
         from fastsft.kernels.fp8_relu_square_grad import relu_square_grad_fp8
 
-        # dh = 2 sqrt(a) da, quantized in both layouts: dh.T row-major is d_fc's first operand, dh dx's
+        # dh = 2 sqrt(a) da quantized into both layouts (dh.T row-major is d_fc's first operand, dh is dx's) by two
+        # kernels of its own: its operands and outputs are in memory anyway, where inductor's passes were slow
         dh_tq, dh_q, dh_inv = relu_square_grad_fp8(da_t, a_qt, a_inv, E5M2)
         dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype)
         d_fc = _mm(dh_tq, dh_inv, x_qt.t(), x_inv, fc_dtype)
