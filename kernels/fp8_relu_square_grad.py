@@ -125,6 +125,8 @@ def _check(da, a, a_inv, dtype):
     if dtype not in _TL_FP8 or a.dtype not in _TL_FP8:
         raise TypeError(f"relu_square_grad_fp8: a and the result must be one of {list(_TL_FP8)}, got {a.dtype} "
                         f"and {dtype}")
+    if da.numel() == 0:
+        raise ValueError(f"relu_square_grad_fp8: da is empty {tuple(da.shape)}: its maximum, so its scale, is undefined")
     if a_inv.numel() != 1 or a_inv.dtype != torch.float32:
         raise ValueError(f"relu_square_grad_fp8: a_inv must be one float32 value, got {a_inv.dtype} of shape "
                          f"{tuple(a_inv.shape)}")

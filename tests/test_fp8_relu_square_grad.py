@@ -82,6 +82,8 @@ def test_bad_arguments_are_refused_by_name():
         rg.relu_square_grad_fp8(da.t(), a, a_inv, fp8.E5M2)
     with pytest.raises(TypeError, match="must be one of"):
         rg.relu_square_grad_fp8(da, a.float(), a_inv, fp8.E5M2)
+    with pytest.raises(ValueError, match="empty"):
+        rg.relu_square_grad_fp8(da[:0], a[:0], a_inv, fp8.E5M2)
     with pytest.raises(ValueError, match="a_inv"):
         rg.relu_square_grad_fp8(da, a, a_inv.double(), fp8.E5M2)
 
