@@ -12,6 +12,15 @@ bit: the scale fmax / max|dh| (the maximum clamped at 1e-12), round to nearest e
 largest finite value. A non-finite dh makes the whole result non-finite, as torch's maximum would (the step then
 reports and skips it). Registered as a torch custom op; on the CPU and for fp32 da the op runs the same definition
 in torch ops, and the tests run the kernels under the interpreter through `launch=`.
+
+Version 2 (version 1, a 2-D tile with an atomic maximum, lost to inductor in the step: 0.45 + 0.49 ms at d20 against
+0.24 + 0.35; it is kept in bench/gpu_dh_kernel.py). In version 1's SASS, torch's correctly rounded root was half the
+instructions: relu's zeros leave sqrt.rn's fast path, so each element's call was taken by every warp, and the call's
+register convention took 200 registers a thread, so one 8-warp program an SM. Here the root is the fast path
+alone, with a power of two from a_inv around it (`_dh`): 48 registers for the maximum, under 80 for the cast. The
+maximum reads both operands as one flat array, a few programs per SM in a grid-stride loop, each writing one partial
+maximum (no atomics, nothing to zero first); each cast program reduces those few itself. Tile shapes, warps and
+programs per SM are autotuned per shape from short lists (no GPU was at hand when they were chosen).
 """
 
 import math
@@ -30,13 +39,32 @@ _TINY_MAX = 1e-12  # fastsft.fp8.scale_for's floor on the maximum
 
 @dataclass(frozen=True)
 class GradLaunch:
-    block_m: int = 128
+    """One fixed launch of both kernels (the tests, and the benchmark's rows per config); left unset, each kernel
+    takes the best of its config list for the shape (autotuned on the first call)."""
+
+    block: int = 4096  # elements of the maximum's pass per program per step
+    programs_per_sm: int = 4  # the maximum's programs (so its partial maxima) per SM
+    max_warps: int = 8
+    block_m: int = 64  # the cast's tile; q^T's rows are block_m bytes
     block_n: int = 128
-    num_warps: int = 8
+    cast_warps: int = 4
+    m_fastest: bool = True  # the cast's tile order: down a column band (q^T's rows fill up first) or along rows
 
 
-DEFAULT_LAUNCH = GradLaunch()  # run 7's best tile for a two-layout fp8 store at 32768 x 5120
-INTERPRETED_LAUNCH = GradLaunch(16, 32, 1)  # partial tiles in both dimensions on small test inputs
+DEFAULT_LAUNCH = GradLaunch()
+# Under the interpreter (one "SM"): 3 programs loop over several blocks of 64 with a partial last one, and the cast's
+# tiles are partial in both dimensions on the tests' odd sizes
+INTERPRETED_LAUNCH = GradLaunch(64, 3, 1, 16, 32, 1, True)
+
+# The maximum's pass streams 3 bytes an element and is bound by what keeps loads in flight: 16 to 32 elements a
+# thread per step (two to four 16-byte loads of da), and enough programs per SM to cover the latency
+MAX_CONFIGS = [triton.Config(dict(BLOCK=block, PROGRAMS_PER_SM=programs), num_warps=warps)
+               for block, warps, programs in ((4096, 8, 4), (8192, 8, 4), (4096, 8, 8), (4096, 4, 8), (2048, 4, 8),
+                                              (8192, 16, 2))]
+# The cast: q^T's rows are block_m bytes (64 or 128: whole sectors); 32 to 64 elements a thread
+CAST_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, M_FASTEST=m_fastest), num_warps=warps)
+                for bm, bn, warps in ((64, 128, 4), (128, 64, 4), (128, 128, 8), (64, 256, 8), (64, 64, 4))
+                for m_fastest in (True, False)]
 
 
 def relu_square_grad_fp8_reference(da: torch.Tensor, a: torch.Tensor, a_inv: torch.Tensor, dtype: torch.dtype):
@@ -49,72 +77,169 @@ def relu_square_grad_fp8_reference(da: torch.Tensor, a: torch.Tensor, a_inv: tor
 
 
 @triton.jit
-def _dh_tile(da_ptr, a_ptr, a_inv, offs_m, offs_n, M, N, MANUAL_ROUNDING: tl.constexpr):
-    """The (BLOCK_M, BLOCK_N) tile of dh in fp32, rounded to da's dtype, with its mask."""
+def _root_fast_path(x):
+    """ptxas's own expansion of sqrt.rn.f32 on [2^-101, 2^128), its fast path (an approximate 1/sqrt and one Newton
+    step; sm_90 SASS): the correctly rounded root there, bit for bit, without the range test and the call per lane
+    that lead out of it (0 among what leaves it: relu zeroes half of a, so every warp took the call for nearly every
+    element; and the call's convention doubled the registers, so halved the warps an SM keeps)."""
+    return tl.inline_asm_elementwise(
+        """{ .reg .f32 r, s, h, e;
+        rsqrt.approx.ftz.f32 r, $1;
+        mul.ftz.f32 s, $1, r;
+        mul.ftz.f32 h, r, 0f3F000000;
+        neg.f32 e, s;
+        fma.rn.f32 e, e, s, $1;
+        fma.rn.f32 $0, e, h, s; }""",
+        "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dh(da, a, a_inv, INTERPRETED: tl.constexpr):
+    """dh = 2 sqrt(a a_inv) da in fp32 (not yet rounded to da's dtype) from da and a as loaded.
+
+    The root is torch's, correctly rounded, for every input. x = a a_inv lies within a factor 2^32 of a_inv (fp8's
+    nonzero values, e5m2's included, span 2^-16 to 2^16), so one power of two 2^(2j), from a_inv alone, brings
+    every nonzero x into the fast path's range, exactly (also an x that underflowed), and 2^-j takes the root back,
+    exactly (every root of a float is normal): sqrt(x 4^j) = sqrt(x) 2^j holds after rounding too. 0 and inf are
+    their own roots; a NaN or a negative x gives NaN either way."""
+    x = a.to(tl.float32) * a_inv
+    up = a_inv < 2.0**-80  # then x < 2^-64: x 2^64 lies in [2^-85, 1)
+    down = a_inv > 2.0**100  # then x > 2^84 (or inf): x 2^-64 lies in [2^20, 2^64]
+    scaled = x * tl.where(up, 2.0**64, tl.where(down, 2.0**-64, 1.0))
+    if INTERPRETED:
+        root = tl.sqrt_rn(scaled)  # the interpreter runs no PTX; the scaling around it is the same
+    else:
+        root = _root_fast_path(scaled)
+    root = root * tl.where(up, 2.0**-32, tl.where(down, 2.0**32, 1.0))
+    root = tl.where((x == 0) | (x == float("inf")), x, root)
+    return 2.0 * root * da.to(tl.float32)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, MANUAL_ROUNDING: tl.constexpr):
+    """fp32 x rounded to nearest even in dtype (bf16 or fp16) and back to fp32."""
+    if MANUAL_ROUNDING and dtype == tl.bfloat16:
+        return round_to_bf16(x, True).to(tl.float32)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _dh_max_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, numel, MANUAL_ROUNDING: tl.constexpr,
+                   BLOCK: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
+    """One partial max |dh| per program, over blocks pid, pid + programs, ... of the flat (M * N) operands (both
+    row-major, so one index serves both). PROGRAMS_PER_SM sets the grid (the launcher reads it)."""
+    pid = tl.program_id(0)
+    a_inv = tl.load(a_inv_ptr)
+    biggest = tl.zeros([BLOCK], dtype=tl.float32)
+    for block in range(pid, tl.cdiv(numel, BLOCK), tl.num_programs(0)):
+        offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        # lanes past the end load zeros, so their dh is 0, or NaN where a_inv is not finite, and then every dh is
+        dh = _dh(tl.load(da_ptr + offs, mask=ok, other=0.0), tl.load(a_ptr + offs, mask=ok, other=0.0), a_inv,
+                 MANUAL_ROUNDING)
+        biggest = tl.maximum(biggest, tl.abs(dh), propagate_nan=tl.PropagateNan.ALL)
+    biggest = tl.where(biggest == biggest, biggest, float("inf"))  # a NaN counts as inf: the scale becomes 0
+    # rounding to da's dtype is monotonic (and odd), so the largest rounded |dh| is the largest |dh| rounded
+    tl.store(partial_ptr + pid, _round_to(tl.max(biggest, axis=0), da_ptr.dtype.element_ty, MANUAL_ROUNDING))
+
+
+@triton.jit
+def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_ptr, M, N, partials, fmax, tiny,
+                    floor, MANUAL_ROUNDING: tl.constexpr, MANTISSA: tl.constexpr, PARTIALS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FASTEST: tl.constexpr):
+    pid = tl.program_id(0)
+    if M_FASTEST:
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = pid % tiles_m, pid // tiles_m
+    else:
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = pid // tiles_n, pid % tiles_n
+    # every program reduces the few partial maxima itself (a few KiB out of L2): no third launch
+    slots = tl.arange(0, PARTIALS)
+    biggest = tl.max(tl.load(partial_ptr + slots, mask=slots < partials, other=0.0), axis=0)
+    # fmax / m as torch computes a number over a tensor: 1 / m rounded, times fmax rounded (not one division)
+    scale = tl.div_rn(1.0, tl.maximum(biggest, floor)) * fmax
+    if pid == 0:
+        tl.store(inv_ptr, tl.div_rn(1.0, scale))
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m64 = offs_m.to(tl.int64)
     n64 = offs_n.to(tl.int64)
     ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     at = m64[:, None] * N + n64[None, :]
-    da = tl.load(da_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    dh = 2.0 * tl.sqrt_rn(a * a_inv) * da
-    if MANUAL_ROUNDING and da_ptr.dtype.element_ty == tl.bfloat16:
-        dh = round_to_bf16(dh, True)
-    return dh.to(da_ptr.dtype.element_ty).to(tl.float32), ok
-
-
-@triton.jit
-def _dh_max_kernel(da_ptr, a_ptr, a_inv_ptr, max_ptr, M, N, MANUAL_ROUNDING: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dh, ok = _dh_tile(da_ptr, a_ptr, tl.load(a_inv_ptr), offs_m, offs_n, M, N, MANUAL_ROUNDING)
-    size = tl.where(dh == dh, tl.abs(dh), float("inf"))  # a NaN counts as inf: the scale becomes 0, dh * 0 NaN
-    tl.atomic_max(max_ptr, tl.max(tl.max(tl.where(ok, size, 0.0), axis=1), axis=0))  # >= 0: int order holds
-
-
-@triton.jit
-def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, max_ptr, q_ptr, qt_ptr, inv_ptr, M, N, fmax, tiny, floor,
-                    MANUAL_ROUNDING: tl.constexpr, MANTISSA: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # fmax / m as torch computes a number over a tensor: 1 / m rounded, times fmax rounded (not one division)
-    scale = tl.div_rn(1.0, tl.maximum(tl.load(max_ptr), floor)) * fmax
-    if (pid_m == 0) & (pid_n == 0):
-        tl.store(inv_ptr, tl.div_rn(1.0, scale))
-    dh, ok = _dh_tile(da_ptr, a_ptr, tl.load(a_inv_ptr), offs_m, offs_n, M, N, MANUAL_ROUNDING)
-    q = dh * scale
-    q = tl.where(q > fmax, fmax, tl.where(q < -fmax, -fmax, q))  # comparisons: a NaN stays NaN
+    dh = _dh(tl.load(da_ptr + at, mask=ok, other=0.0), tl.load(a_ptr + at, mask=ok, other=0.0), tl.load(a_inv_ptr),
+             MANUAL_ROUNDING)
+    q = _round_to(dh, da_ptr.dtype.element_ty, MANUAL_ROUNDING) * scale
+    # a NaN-propagating clamp, as torch's: a NaN stays NaN
+    q = tl.maximum(tl.minimum(q, fmax, propagate_nan=tl.PropagateNan.ALL), -fmax, propagate_nan=tl.PropagateNan.ALL)
     if MANUAL_ROUNDING:
         q = _round_to_fp8_grid(q, tiny, MANTISSA)
     q = q.to(q_ptr.dtype.element_ty)
-    m64 = offs_m.to(tl.int64)
-    n64 = offs_n.to(tl.int64)
-    tl.store(q_ptr + m64[:, None] * N + n64[None, :], q, mask=ok)
+    tl.store(q_ptr + at, q, mask=ok)
     tl.store(qt_ptr + n64[:, None] * M + m64[None, :], tl.trans(q),
              mask=(offs_n < N)[:, None] & (offs_m < M)[None, :])
 
 
+_dh_max_tuned = triton.autotune(MAX_CONFIGS, key=["numel"])(_dh_max_kernel)
+_dh_cast_tuned = triton.autotune(CAST_CONFIGS, key=["M", "N"])(_dh_cast_kernel)
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _max_programs(sms, numel, meta):
+    return min(sms * meta["PROGRAMS_PER_SM"], triton.cdiv(numel, meta["BLOCK"]))
+
+
+def _max_pass(da, a, a_inv, partial, launch, interpreted):
+    """The partial maxima of |dh| into `partial`; returns how many (the slots the cast reads)."""
+    sms = _sm_count(da.device)
+    grid = lambda meta: (_max_programs(sms, da.numel(), meta),)  # noqa: E731
+    args = (da, a, a_inv, partial, da.numel())
+    if launch is None:
+        _dh_max_tuned[grid](*args, MANUAL_ROUNDING=False)
+        return _max_programs(sms, da.numel(), _dh_max_tuned.best_config.kwargs)
+    meta = dict(BLOCK=launch.block, PROGRAMS_PER_SM=launch.programs_per_sm)
+    _dh_max_kernel[grid](*args, MANUAL_ROUNDING=interpreted, **meta, num_warps=launch.max_warps)
+    return _max_programs(sms, da.numel(), meta)
+
+
+def _cast_pass(da, a, a_inv, partial, partials, q, qt, inv, launch, interpreted):
+    """q, q^T and 1/s from the partial maxima."""
+    M, N = da.shape
+    info = torch.finfo(q.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    args = (da, a, a_inv, partial, q, qt, inv, M, N, partials, info.max, info.smallest_normal, _TINY_MAX)
+    meta = dict(MANUAL_ROUNDING=interpreted, MANTISSA=round(-math.log2(info.eps)),
+                PARTIALS=triton.next_power_of_2(partials))
+    if launch is None:
+        _dh_cast_tuned[grid](*args, **meta)
+    else:
+        _dh_cast_kernel[grid](*args, **meta, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                              M_FASTEST=launch.m_fastest, num_warps=launch.cast_warps)
+
+
+def partial_slots(device, launch):
+    """The length of the partial maxima's buffer: enough for every config's grid."""
+    return _sm_count(device) * max([c.kwargs["PROGRAMS_PER_SM"] for c in MAX_CONFIGS]
+                                   + [launch.programs_per_sm if launch else 0])
+
+
 def _launch(da, a, a_inv, dtype, launch):
+    """launch None: each kernel's best config for the shape (autotuned); a GradLaunch: that one."""
     if da.is_cuda and da.dtype not in _KERNEL_INPUTS:
         raise TypeError(f"relu_square_grad_fp8: the kernels take {list(_KERNEL_INPUTS)} da on CUDA, got {da.dtype}; "
                         "leave launch= unset for the torch path")
     M, N = da.shape
     interpreted = interpreter_enabled() and da.device.type == "cpu"
     launch = INTERPRETED_LAUNCH if interpreted else launch
-    info = torch.finfo(dtype)
-    grid = (triton.cdiv(M, launch.block_m), triton.cdiv(N, launch.block_n))
-    biggest = torch.zeros((), dtype=torch.float32, device=da.device)
-    _dh_max_kernel[grid](da, a, a_inv, biggest, M, N, MANUAL_ROUNDING=interpreted, BLOCK_M=launch.block_m,
-                         BLOCK_N=launch.block_n, num_warps=launch.num_warps)
+    partial = torch.empty(partial_slots(da.device, launch), dtype=torch.float32, device=da.device)
+    partials = _max_pass(da, a, a_inv, partial, launch, interpreted)  # every slot the cast reads is written
     q = torch.empty((M, N), dtype=dtype, device=da.device)
     qt = torch.empty((N, M), dtype=dtype, device=da.device)
     inv = torch.empty((), dtype=torch.float32, device=da.device)
-    _dh_cast_kernel[grid](da, a, a_inv, biggest, q, qt, inv, M, N, info.max, info.smallest_normal, _TINY_MAX,
-                          MANUAL_ROUNDING=interpreted, MANTISSA=round(-math.log2(info.eps)),
-                          BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, num_warps=launch.num_warps)
+    _cast_pass(da, a, a_inv, partial, partials, q, qt, inv, launch, interpreted)
     return q, qt, inv
 
 
@@ -136,7 +261,7 @@ def _check(da, a, a_inv, dtype):
 def _relu_square_grad_op(da: torch.Tensor, a: torch.Tensor, a_inv: torch.Tensor,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if da.is_cuda and da.dtype in _KERNEL_INPUTS:
-        return _launch(da, a, a_inv, dtype, DEFAULT_LAUNCH)
+        return _launch(da, a, a_inv, dtype, None)
     return relu_square_grad_fp8_reference(da, a, a_inv, dtype)
 
 

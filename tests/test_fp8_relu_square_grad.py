@@ -96,3 +96,58 @@ def test_custom_op_compiles_and_matches_eager():
     for e, c in zip(eager, compiled):
         assert torch.equal(e.view(torch.uint8) if e.dtype != torch.float32 else e,
                            c.view(torch.uint8) if c.dtype != torch.float32 else c)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 3), (37, 70), (33, 130)])
+@pytest.mark.parametrize("launch", [rg.GradLaunch(64, 3, 1, 16, 32, 1, True),
+                                    rg.GradLaunch(32, 7, 1, 32, 16, 1, False)])
+def test_partial_maxima_and_tile_orders_equal_the_reference(shape, launch, monkeypatch):
+    """Fewer blocks than programs (programs with nothing to do write no slot the cast reads), several blocks a
+    program with a partial last one, partial tiles in both dimensions, and both tile orders."""
+    monkeypatch.setattr(rg, "INTERPRETED_LAUNCH", launch)
+    da, a, a_inv = _operands(*shape, torch.bfloat16, seed=5)
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_inv, fp8.E5M2, launch=launch)
+    ref, ref_t, ref_inv = rg.relu_square_grad_fp8_reference(da, a, a_inv, fp8.E5M2)
+    assert torch.equal(_bits(q), _bits(ref)) and torch.equal(_bits(qt), _bits(ref_t)) and torch.equal(inv, ref_inv)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_nan_in_any_partial_maximum_gives_a_non_finite_result(where):
+    """The largest |dh| elsewhere is finite; the NaN sits in the first block or in the last, partial one."""
+    da, a, a_inv = _operands(37, 70, torch.bfloat16, seed=6)
+    a = torch.full_like(a, 1.0)  # a > 0 everywhere, so da's NaN reaches dh
+    da[(0, 5) if where == "first" else (36, 69)] = float("nan")
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_inv, fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+    assert not torch.isfinite(inv) and not torch.isfinite(q.float()).all() and not torch.isfinite(qt.float()).all()
+
+
+@pytest.mark.parametrize("a_inv", [2.0**-120, 2.0**-85, 1e-3, 3.0, 2.0**105, 2.0**125])
+@pytest.mark.parametrize("a_dtype", [fp8.E4M3, fp8.E5M2])
+def test_every_fp8_a_and_extreme_scales_give_torchs_root(a_inv, a_dtype):
+    """Every value a can hold (negatives, subnormals, NaN, e5m2's inf), with scales that push a * a_inv under
+    sqrt's fast path, to its top and over it (the power-of-two rescaling around the root); da of 1 and -1."""
+    a = torch.arange(256, dtype=torch.uint8).view(a_dtype).reshape(16, 16)
+    a = torch.cat([a, a]).contiguous()  # (32, 16)
+    da = torch.ones(32, 16, dtype=torch.bfloat16)
+    da[16:] = -1
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, torch.tensor(a_inv), fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+    ref, ref_t, ref_inv = rg.relu_square_grad_fp8_reference(da, a, torch.tensor(a_inv), fp8.E5M2)
+    finite = torch.isfinite(ref_inv)
+    if finite:
+        assert torch.equal(_bits(q), _bits(ref)) and torch.equal(_bits(qt), _bits(ref_t)) and torch.equal(inv, ref_inv)
+    else:  # a NaN or inf in a: both non-finite (the kernel counts a NaN as inf, so its 1/s may be inf, not NaN)
+        assert not torch.isfinite(inv)
+
+
+def test_the_root_sees_every_a_exactly():
+    """The rescaled root against torch's sqrt on every e4m3 and e5m2 value, finite scales only, through dh's maximum
+    alone: the largest element decides the scale, so each a in turn is made the largest."""
+    for a_dtype in (fp8.E4M3, fp8.E5M2):
+        values = torch.arange(256, dtype=torch.uint8).view(a_dtype)
+        keep = torch.isfinite(values.float()) & (values.float() > 0)
+        for a_inv in (2.0**-100, 2.0**-81, 0.37, 2.0**101):
+            a = values[keep].reshape(1, -1).contiguous()
+            da = torch.ones_like(a, dtype=torch.bfloat16)
+            _, _, inv = rg.relu_square_grad_fp8(da, a, torch.tensor(a_inv), fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+            _, _, ref_inv = rg.relu_square_grad_fp8_reference(da, a, torch.tensor(a_inv), fp8.E5M2)
+            assert torch.equal(inv, ref_inv), (a_dtype, a_inv)

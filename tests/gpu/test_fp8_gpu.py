@@ -94,3 +94,49 @@ def test_relu_square_grad_kernels_equal_their_definition_bit_for_bit(dtype, da_d
     da[3, 5] = float("nan")
     q, qt, inv = rg.relu_square_grad_fp8(da, a, a_scale.reciprocal(), dtype)
     assert not torch.isfinite(inv) and not bool(torch.isfinite(q.float()).all())
+
+
+def _grad_launches():
+    """Every config of both autotuned kernels, as fixed launches (the max configs paired round the cast's)."""
+    from fastsft.kernels import fp8_relu_square_grad as rg
+
+    maxes, casts = rg.MAX_CONFIGS, rg.CAST_CONFIGS
+    return [rg.GradLaunch(m.kwargs["BLOCK"], m.kwargs["PROGRAMS_PER_SM"], m.num_warps, c.kwargs["BLOCK_M"],
+                          c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["M_FASTEST"])
+            for m, c in zip(maxes * len(casts), casts)]
+
+
+@pytest.mark.parametrize("launch", _grad_launches(), ids=str)
+def test_relu_square_grad_every_config_is_bit_exact(launch):
+    from fastsft.kernels import fp8_relu_square as rs
+    from fastsft.kernels import fp8_relu_square_grad as rg
+
+    h = torch.randn(1000, 1304, device="cuda").bfloat16() * 3  # partial tiles in both dimensions
+    a_scale = fp8.scale_for(torch.relu(h) * torch.relu(h), fp8.E4M3)
+    a, _ = rs.relu_square_fp8(h, a_scale, fp8.E4M3)
+    da = (torch.randn(1000, 1304, device="cuda") * 1e-3).bfloat16()
+    ref, ref_t, ref_inv = rg.relu_square_grad_fp8_reference(da, a, a_scale.reciprocal(), fp8.E5M2)
+    q, qt, inv = rg.relu_square_grad_fp8(da, a, a_scale.reciprocal(), fp8.E5M2, launch=launch)
+    assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8), ref_t.view(torch.uint8)) and torch.equal(inv, ref_inv)
+
+
+@pytest.mark.parametrize("a_dtype", [fp8.E4M3, fp8.E5M2])
+def test_relu_square_grad_root_is_torchs_on_every_fp8_value(a_dtype):
+    """The kernels' root (ptxas's sqrt.rn fast path, rescaled by a power of two) against torch's on every value a can
+    hold, each made the largest in turn through da, at scales under, inside and over the fast path's range."""
+    from fastsft.kernels import fp8_relu_square_grad as rg
+
+    values = torch.arange(256, dtype=torch.uint8, device="cuda").view(a_dtype)
+    a = values[torch.isfinite(values.float()) & (values.float() > 0)]
+    n = a.numel()
+    a = a.repeat(n, 1).contiguous()  # row i: every value; da picks out value i as the largest dh
+    da = torch.full((n, n), 2.0**-30, device="cuda").bfloat16()
+    da.diagonal().fill_(1.0)
+    for a_inv in (2.0**-120, 2.0**-81, 2.0**-79, 0.37, 3.0, 2.0**99, 2.0**101, 2.0**110):
+        a_inv = torch.tensor(a_inv, device="cuda")
+        for row in range(n):
+            pick = da[row:row + 1].contiguous()
+            ref, _, ref_inv = rg.relu_square_grad_fp8_reference(pick, a[:1], a_inv, fp8.E5M2)
+            q, _, inv = rg.relu_square_grad_fp8(pick, a[:1], a_inv, fp8.E5M2)
+            assert torch.equal(inv, ref_inv) and torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
