@@ -2,7 +2,8 @@
 preferred attention backend through its custom op, fp8 on and off. The CPU tests compare compiled and eager too,
 but CI's torch is not the GPU machine's: torch 2.11's dynamo gave q and k zero gradients in every compiled step (an
 autograd Function's saved output, pytorch issue 180642) while 2.13 on the CPU was right. A dropped gradient reads
-as a relative error of 1; fusion's roundings stay under a few percent."""
+as a relative error of 1. Fusion's roundings stay under 0.1 in bf16; in fp8 they move elements to a neighbouring
+e4m3 / e5m2 value (steps of 6-25%), and compiled and eager differed by 0.02-0.18 a parameter on an H200 (run 12)."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # is not the last (there the final norm undoes it: backout_lambda's gradient would be rounding alone)
 SHAPE = ["--device=cuda", "--compile=true", "--model.n_layer=3", "--model.n_embd=256", "--model.n_head=2", "--model.n_kv_head=2",
          "--seq_len=256", "--device_batch_size=4"]
-TOL = 0.1
+TOL = {False: 0.1, True: 0.3}  # by fp8
 
 
 def _gradients(run, model, batch):
@@ -46,4 +47,4 @@ def test_compiled_step_gradients_equal_the_eager_models(tmp_path, fp8):
     assert any("attn.c_q" in name for name in eager) and any("attn.c_k" in name for name in eager)
     errors = {name: ((compiled[name] - g).norm() / g.norm()).item() for name, g in eager.items() if g.norm() > 0}
     worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL, f"compiled vs eager gradients, relative error: {errors}"
+    assert errors[worst] < TOL[fp8], f"compiled vs eager gradients, relative error: {errors}"
