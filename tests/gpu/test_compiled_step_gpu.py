@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # head_dim 128 (flash-attn-4's), widths and tokens multiples of 16 (fp8's); three layers, so that backout's layer
 # is not the last (there the final norm undoes it: backout_lambda's gradient would be rounding alone)
-SHAPE = ["--device=cuda", "--compile=true", "--model.n_layer=3", "--model.n_embd=256", "--model.n_head=2", "--model.n_kv_head=2",
-         "--seq_len=256", "--device_batch_size=4"]
+SHAPE = ["--device=cuda", "--compile=true", "--model.n_layer=3", "--model.n_embd=256", "--model.n_head=2",
+         "--model.n_kv_head=2", "--seq_len=256", "--device_batch_size=4"]
 TOL = {False: 0.1, True: 0.3}  # by fp8
 
 
