@@ -182,10 +182,7 @@ class _ScaledNormKeepingOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale):
-        y = norm(x)
-        xf = x.to(torch.promote_types(y.dtype, torch.float32))  # the dtype rms_norm computes in, at least fp32
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)  # and its eps
-        out = (y * scale).to(x.dtype)
+        out, rstd = _scaled_norm_and_rstd(x, scale)
         ctx.save_for_backward(out, rstd)
         ctx.scale = scale
         # A view, not out itself: torch 2.11's dynamo sends the gradient of an output the Function also saves to
@@ -195,9 +192,51 @@ class _ScaledNormKeepingOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from fastsft.kernels.qkv_grad import scaled_norm_backward  # beside the fp8 path's kernel, its reference
+
         out, rstd = ctx.saved_tensors
-        y, dy = out.to(rstd.dtype) / ctx.scale, grad.to(rstd.dtype) * ctx.scale
-        return (rstd * (dy - y * (dy * y).mean(-1, keepdim=True))).to(grad.dtype), None
+        return scaled_norm_backward(grad, out, rstd, ctx.scale).to(grad.dtype), None
+
+
+def _scaled_norm_and_rstd(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale * norm(x) in x's dtype (norm's own forward, so autocast's too), and the 1/rms its backward reads."""
+    y = norm(x)
+    xf = x.to(torch.promote_types(y.dtype, torch.float32))  # the dtype rms_norm computes in, at least fp32
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)  # and its eps
+    return (y * scale).to(x.dtype), rstd
+
+
+class _QKVForAttention(torch.autograd.Function):
+    """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the fused projection's qkv (N, (H + 2 Hkv) D): q and k
+    are scaled_norm(apply_rotary(.)) of their columns, to the bit, and v its columns copied out (a view would keep
+    all of qkv alive for attention's backward). It saves what scaled_norm and rotary saved (normed q and k, their
+    1/rms, cos and sin). The backward is one kernel writing dqkv whole (kernels/qkv_grad.py), where autograd's was
+    the norm's backward, its mean(dy * y) and the concatenation of dq, dk and dv, each a pass."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv_head, scale):
+        # qkv (N, W), cos and sin (N, 1, D/2): the fp8 path runs only with gradients, so on the packed rows
+        N, head_dim = qkv.shape[0], qkv.shape[1] // (n_head + 2 * n_kv_head)
+        q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+        # cos and sin in qkv's dtype, saved as autograd saved them for rotary's backward, and whole (not a view): so
+        # inductor stores them rounded before rotary reads them, as before (a cast fused into rotary is elided,
+        # and q and k would get other bits)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        q, q_rstd = _scaled_norm_and_rstd(apply_rotary(q.view(N, n_head, head_dim), cos, sin), scale)
+        k, k_rstd = _scaled_norm_and_rstd(apply_rotary(k.view(N, n_kv_head, head_dim), cos, sin), scale)
+        ctx.save_for_backward(q, k, q_rstd, k_rstd, cos, sin)
+        ctx.scale = scale
+        # views of q and k, not themselves: torch 2.11's dynamo drops the gradient of an output also saved (see
+        # _ScaledNormKeepingOutput)
+        return q.view_as(q), k.view_as(k), v.contiguous().view(N, n_kv_head, head_dim)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        from fastsft.kernels.qkv_grad import qkv_grad
+
+        q, k, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
+        dqkv = qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), q, k, q_rstd, k_rstd, cos, sin, ctx.scale)
+        return dqkv, None, None, None, None, None
 
 
 class _ValueEmbedMix(torch.autograd.Function):
@@ -273,28 +312,27 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window, attend):
         # x (..., C) with ... = (N,) packed or (B, T) cached; ve: the layer's value embedding (table, idx) or None
         lead = x.shape[:-1]
-        q, k, v = self._qkv(x)
-        q = q.view(*lead, self.n_head, self.head_dim)  # (..., H, D)
-        k = k.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
-        v = v.view(*lead, self.n_kv_head, self.head_dim)  # (..., Hkv, D)
+        q, k, v = self._qkv(x, cos, sin)  # (..., H, D), (..., Hkv, D), (..., Hkv, D); q and k rotated and normed
         if ve is not None:
             gate = VE_GATE_SCALE * torch.sigmoid(self.ve_gate(gate_input(x, self.ve_gate_channels)))
             v = _ValueEmbedMix.apply(v, gate, *ve)
-        scale = QK_SCALE if self.qk_scale else 1.0
-        q, k = scaled_norm(apply_rotary(q, cos, sin), scale), scaled_norm(apply_rotary(k, cos, sin), scale)
         y = attend(q, k, v, window, self.layer_idx)  # (..., H, D)
         return fp8_matmul.linear(y.reshape(*lead, -1), self.c_proj.weight, self.fp8)
 
-    def _qkv(self, x):
+    def _qkv(self, x, cos, sin):
+        scale = QK_SCALE if self.qk_scale else 1.0
         weights = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
         if self.fp8 and fp8_matmul.applies(x, *weights):
-            # one fp8 matmul: x quantized once, one scale for the three. bf16 keeps three: there the backward's
-            # concatenation of dq, dk and dv cost more than the wide matmul saved (bench/RESULTS.md, run 6).
+            # one fp8 matmul: x quantized once, one scale for the three, and one kernel for its gradient. bf16 keeps
+            # three: there the backward's concatenation of dq, dk and dv cost more than the wide matmul saved
+            # (bench/RESULTS.md, run 6).
             qkv = fp8_matmul.linear(x, torch.cat(weights), True)
-            q, k, v = qkv.split([w.shape[0] for w in weights], dim=-1)
-            # attention keeps v for its backward: as a view it would keep all of qkv alive (1.6 GiB more at d20)
-            return q, k, v.contiguous()
-        return self.c_q(x), self.c_k(x), self.c_v(x)
+            return _QKVForAttention.apply(qkv, cos, sin, self.n_head, self.n_kv_head, scale)
+        lead = x.shape[:-1]
+        q = self.c_q(x).view(*lead, self.n_head, self.head_dim)
+        k = self.c_k(x).view(*lead, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(*lead, self.n_kv_head, self.head_dim)
+        return scaled_norm(apply_rotary(q, cos, sin), scale), scaled_norm(apply_rotary(k, cos, sin), scale), v
 
 
 def _keep_widening_matmul(ctx, op, *args, **kwargs):

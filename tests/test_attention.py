@@ -266,7 +266,8 @@ def _packing(lengths, rows, seq_len, max_seqs, seed):
     return ids.view(rows, seq_len), torch.tensor(positions).view(rows, seq_len), torch.tensor(bounds, dtype=torch.int32)
 
 
-def test_compiled_model_is_one_graph_with_no_recompiles_across_packings(math_backend):
+@pytest.mark.parametrize("fp8", [False, True])  # fp8: q, k and v from one matmul, their gradient one custom op
+def test_compiled_model_is_one_graph_with_no_recompiles_across_packings(math_backend, fp8):
     """fullgraph=True fails on any graph break; the counter sees one compiled frame over three different packings,
     and the compiled model's logits and gradients equal the eager model on the exact fallback."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -282,6 +283,7 @@ def test_compiled_model_is_one_graph_with_no_recompiles_across_packings(math_bac
     with torch.no_grad():  # projections start at zero: make attention matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    model.set_fp8(fp8)
     assert attention.select_backend("cpu") == "math_op"  # decided before tracing, as the driver does
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model.forward_packed, backend=counter, fullgraph=True)

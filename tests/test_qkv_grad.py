@@ -1,0 +1,156 @@
+"""kernels/qkv_grad.py: the fused qkv's gradient against its torch definition (under the interpreter: odd row counts,
+grouped-query heads, head_dim 64 and 128, rows at position 0 and far from it), that definition against autograd's
+gradient of the forward it inverts, and the model's fp8 q/k/v unit (`_QKVForAttention`): the forward's bits are
+scaled_norm's, and compiled gradients equal eager ones (pytorch issue 180642 dropped them under torch 2.11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsft.kernels import qkv_grad as qg
+from fastsft.model import _QKVForAttention, _scaled_norm_and_rstd, apply_rotary, rotary_tables, scaled_norm
+
+SCALE = 1.2
+
+
+def _qkv(M, n_head, n_kv_head, head_dim, dtype, seed=0, device="cpu"):
+    """qkv (M, (H + 2 Hkv) D) and its rows' cos, sin (M, 1, D/2) in fp32, as the model passes them: position 0
+    first, then positions up to 2047."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(M, (n_head + 2 * n_kv_head) * head_dim, generator=g) * 2).to(device, dtype)
+    positions = torch.randint(0, 2048, (M,), generator=g).to(device)
+    positions[:2] = 0
+    cos, sin = rotary_tables(2048, head_dim, 100000.0, device)
+    return qkv, cos[positions][:, None], sin[positions][:, None]
+
+
+def _operands(M, n_head, n_kv_head, head_dim, dtype, seed=0, device="cpu"):
+    """The kernel's operands as the model's backward gets them: the forward's normed q, k and 1/rms, cos and sin
+    in qkv's dtype, and random dq, dk, dv."""
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, dtype, seed, device)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    q, k, _ = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    q, q_rstd = _scaled_norm_and_rstd(apply_rotary(q.reshape(M, n_head, head_dim), cos, sin), SCALE)
+    k, k_rstd = _scaled_norm_and_rstd(apply_rotary(k.reshape(M, n_kv_head, head_dim), cos, sin), SCALE)
+    g = torch.Generator().manual_seed(seed + 1)
+    dq, dk, dv = (torch.randn(t.shape, generator=g).to(device, dtype) for t in (q, k, k))
+    return dq, dk, dv, q, k, q_rstd, k_rstd, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, n_head, n_kv_head, head_dim", [(37, 4, 2, 64), (19, 2, 1, 128), (9, 3, 3, 128)])
+def test_kernel_equals_the_reference(M, n_head, n_kv_head, head_dim, dtype):
+    """Row counts not a multiple of the interpreter's 8-row blocks; the kernel and the reference round once from
+    fp32 values that differ in their last bits (sums in another order), so bf16 may differ by one unit in the last
+    place, fp32 by a few (more relative to values near 0, where rotary's two terms cancel)."""
+    ops = _operands(M, n_head, n_kv_head, head_dim, dtype)
+    got = qg.qkv_grad(*ops, SCALE, launch=qg.QKVGradLaunch())
+    want = qg.qkv_grad_reference(*ops, SCALE)
+    assert got.shape == want.shape == (M, (n_head + 2 * n_kv_head) * head_dim) and got.dtype == dtype
+    v_cols = slice((n_head + n_kv_head) * head_dim, None)
+    assert torch.equal(got[:, v_cols], ops[2].reshape(M, -1))  # dv copied
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6 * want.float().abs().max())
+    assert (got[:2] != 0).float().mean() > 0.9  # position 0's rows (cos 1, sin 0) are written too
+
+
+@pytest.mark.parametrize("scale", [1.0, SCALE])
+def test_reference_is_autograds_gradient_of_the_forward(scale):
+    """float64: split, heads, rotary, norm and scale by autograd against the reference from the saved tensors."""
+    M, n_head, n_kv_head, head_dim = 11, 4, 2, 16
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float64, seed=2)
+    qkv.requires_grad_()
+    q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    norm = lambda t, h: F.rms_norm(apply_rotary(t.view(M, h, head_dim), cos, sin), (head_dim,))  # noqa: E731
+    outs = (norm(q, n_head) * scale, norm(k, n_kv_head) * scale, v.view(M, n_kv_head, head_dim))
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(o.shape, dtype=torch.float64, generator=g) for o in outs]
+    (want,) = torch.autograd.grad(outs, qkv, grads)
+    rstd = lambda t, h: torch.rsqrt(apply_rotary(t.view(M, h, head_dim), cos, sin)  # noqa: E731
+                                    .square().mean(-1, keepdim=True) + torch.finfo(torch.float64).eps)
+    got = qg.qkv_grad_reference(*grads, outs[0].detach(), outs[1].detach(), rstd(q, n_head).detach(),
+                                rstd(k, n_kv_head).detach(), cos, sin, scale)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def before_unit(qkv, cos, sin, n_head, n_kv_head):
+    """q, k, v as the model computed them from qkv (N, W) before the unit: split, heads, scaled_norm(apply_rotary)."""
+    M, head_dim = qkv.shape[0], qkv.shape[1] // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    return (scaled_norm(apply_rotary(q.view(M, n_head, head_dim), cos, sin), SCALE),
+            scaled_norm(apply_rotary(k.view(M, n_kv_head, head_dim), cos, sin), SCALE),
+            v.contiguous().view(M, n_kv_head, head_dim))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_forward_has_scaled_norms_bits(dtype, autocast):
+    """q and k as scaled_norm(apply_rotary(.)) gave them before, v its columns; under autocast too."""
+    M, n_head, n_kv_head = 32, 4, 2
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, 32, dtype, seed=4)
+    qkv.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = _QKVForAttention.apply(qkv, cos, sin, n_head, n_kv_head, SCALE)
+        want = before_unit(qkv, cos, sin, n_head, n_kv_head)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert got[2].untyped_storage().data_ptr() != qkv.untyped_storage().data_ptr()  # v a tensor of its own
+    grads = [torch.randn_like(t) for t in got]
+    (grad,) = torch.autograd.grad(got, qkv, grads)
+    (want_grad,) = torch.autograd.grad(want, qkv, grads)
+    rel = (grad.float() - want_grad.float()).norm() / want_grad.float().norm()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-6), rel  # autograd's rounds to bf16 between its passes
+
+
+def test_unit_compiled_forward_has_compiled_scaled_norms_bits():
+    """inductor elides a cast to bf16 fused into its consumer: the unit keeps cos and sin rounded in memory, as
+    autograd's rotary did, so q and k keep their bits compiled too (with cos and sin cast where used, 28% differed)."""
+    M, n_head, n_kv_head = 32, 4, 2
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, 32, torch.bfloat16, seed=4)
+    torch._dynamo.reset()
+    got = torch.compile(_QKVForAttention.apply, fullgraph=True)(qkv.clone().requires_grad_(), cos, sin, n_head,
+                                                                n_kv_head, SCALE)
+    want = torch.compile(before_unit, fullgraph=True)(qkv.clone().requires_grad_(), cos, sin, n_head, n_kv_head)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_unit_gradcheck():
+    M, n_head, n_kv_head, head_dim = 5, 2, 1, 8
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float64, seed=5)
+    f = lambda t: _QKVForAttention.apply(t, cos, sin, n_head, n_kv_head, SCALE)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (qkv.requires_grad_(),))
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_unit_compiled_gradients_equal_eager(n_kv_head):
+    """One graph (fullgraph), and every output's gradient reaching qkv: under torch 2.11 a Function returning a
+    tensor it also saves got its gradient in the wrong slot (zeros for q and k)."""
+    M, n_head, head_dim = 16, 4, 16
+    qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float32, seed=6)
+    weights = [torch.randn(n_head, head_dim), torch.randn(n_kv_head, head_dim), torch.randn(n_kv_head, head_dim)]
+
+    def loss(t):
+        q, k, v = _QKVForAttention.apply(t, cos, sin, n_head, n_kv_head, SCALE)
+        return sum(((o * w).sum(-1) ** 2).sum() for o, w in zip((q, k, v), weights))
+
+    def grad_of(fn):
+        x = qkv.clone().requires_grad_()
+        return torch.autograd.grad(fn(x), x)[0]
+
+    torch._dynamo.reset()
+    eager, compiled = grad_of(loss), grad_of(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_op_passes_opcheck():
+    """torch's own checks of the op: schema, fake shapes against the real output, no aliasing."""
+    torch.library.opcheck(qg._qkv_grad_op, (*_operands(13, 4, 2, 16, torch.float32, seed=7), SCALE))
+
+
+def test_bad_arguments_are_refused_by_name():
+    ops = list(_operands(8, 2, 1, 16, torch.float32))
+    with pytest.raises(ValueError, match="dq must be contiguous"):
+        qg.qkv_grad(ops[0].transpose(0, 1).contiguous().transpose(0, 1), *ops[1:], SCALE)
+    with pytest.raises(ValueError, match="cos must be contiguous of shape"):
+        qg.qkv_grad(*ops[:7], ops[7][..., :4], ops[8], SCALE)
+    with pytest.raises(ValueError, match="one dtype"):
+        qg.qkv_grad(ops[0].double(), *ops[1:], SCALE)
