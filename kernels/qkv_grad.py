@@ -4,7 +4,7 @@ Why: with fp8 the model takes q, k and v from one matmul (fastsft/model.py, `_QK
 and norms q and k keeping only the normed output and 1/rms. Autograd's backward for that ran the norm's backward,
 its mean(dy * y) as a reduction of its own, and the concatenation of dq, dk and dv into the (N, 3840) gradient of
 qkv as separate passes: 7.1 ms of a d20 step, all bound by memory (bench/RESULTS.md, run 12). Here each program
-reads its rows of one head's gradient and normed output once and writes its columns of dqkv in place: 0.67 GB a d20
+reads its rows of one head's gradient and normed output once and writes its columns of dqkv in place: 0.68 GB a d20
 layer, about 0.2 ms at the H200's bandwidth, where the passes took 0.36 ms a layer (not yet measured here).
 
 The math, per row and head of q and of k (out = scale * y the forward's output, y = r * rstd, r = rotary(x)):
@@ -163,8 +163,8 @@ def _(dq, dk, dv, q, k, q_rstd, k_rstd, cos, sin, scale):
 def qkv_grad(dq, dk, dv, q, k, q_rstd, k_rstd, cos, sin, scale: float, *, launch: QKVGradLaunch | None = None):
     """dqkv (M, (H + 2 Hkv) D) in dq's dtype from attention's dq (M, H, D), dk and dv (M, Hkv, D), the normed q and k
     the forward returned, their 1/rms (M, H or Hkv, 1) and the rotary cos and sin (M, 1, D/2) in dq's dtype, as the
-    forward's rotary took them; all contiguous (see the module docstring for the math). `launch` runs the kernel with that launch (benchmarks, and the tests under the
-    interpreter); the default goes through the custom op."""
+    forward's rotary took them; all contiguous (the math: the module docstring). `launch` runs the kernel with that
+    launch (benchmarks, and the tests under the interpreter); the default goes through the custom op."""
     _check(dq, dk, dv, q, k, q_rstd, k_rstd, cos, sin)
     if launch is not None:
         return _launch(dq, dk, dv, q, k, q_rstd, k_rstd, cos, sin, scale, launch)
