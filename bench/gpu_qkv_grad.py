@@ -4,7 +4,7 @@ autotuned choice through the custom op (as the step calls it), and inductor's co
 comes last: ms per call and GB/s (dq, dk, dv, q and k read, dqkv written, in bf16; the rstds and cos, sin besides).
 
     python bench/gpu_qkv_grad.py [--json rows.json]          # the GPU
-    python bench/gpu_qkv_grad.py --tiny --device cpu         # the interpreter on a tiny shape: that it runs
+    python bench/gpu_qkv_grad.py --device cpu                # the interpreter on a tiny shape: that it runs
 """
 
 import argparse
@@ -26,7 +26,7 @@ from fastsft.kernels import qkv_grad as qg  # noqa: E402
 from fastsft.model import GPTConfig  # noqa: E402
 from tests.test_qkv_grad import SCALE, _operands  # noqa: E402
 
-TINY_SHAPES = {"tiny": (40, 4, 2, 64)}
+TINY_SHAPES = {"tiny": (40, 4, 2, 64)}  # the interpreter's
 
 
 def step_shapes():
@@ -39,10 +39,10 @@ def close(got, want):
     return torch.allclose(got.float(), want.float(), rtol=2.0**-7, atol=1e-6 * want.float().abs().max().item())
 
 
-def main(tiny, device):
+def main(device):
     rows = []
     inductor = torch.compile(qg.qkv_grad_reference)
-    for name, (M, n_head, n_kv_head, head_dim) in (TINY_SHAPES if tiny else step_shapes()).items():
+    for name, (M, n_head, n_kv_head, head_dim) in (TINY_SHAPES if device == "cpu" else step_shapes()).items():
         ops = _operands(M, n_head, n_kv_head, head_dim, torch.bfloat16, device=device)
         want = qg.qkv_grad_reference(*ops, SCALE)
         heads = n_head + 2 * n_kv_head
@@ -70,10 +70,9 @@ def main(tiny, device):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true", help="a tiny shape (for the interpreter)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a tiny shape, interpreted")
     args = parser.parse_args()
-    rows = write_rows(args.json, main(args.tiny, args.device))
+    rows = write_rows(args.json, main(args.device))
     print(f"\ndevice: {rows[0]['device']}, torch {rows[0]['torch']}, triton {rows[0]['triton']}; dqkv in bf16")
     print(f"{'shape':6} {'variant':24} {'ms':>8} {'GB/s':>7} close")
     for r in rows:
