@@ -3,7 +3,11 @@ preferred attention backend through its custom op, fp8 on and off. The CPU tests
 but CI's torch is not the GPU machine's: torch 2.11's dynamo gave q and k zero gradients in every compiled step (an
 autograd Function's saved output, pytorch issue 180642) while 2.13 on the CPU was right. A dropped gradient reads
 as a relative error of 1. Fusion's roundings stay under 0.1 in bf16; in fp8 they move elements to a neighbouring
-e4m3 / e5m2 value (steps of 6-25%), and compiled and eager differed by 0.02-0.18 a parameter on an H200 (run 12)."""
+e4m3 / e5m2 value (steps of 6-25%): compiled and eager differed by 0.02-0.18 a matrix on an H200 (runs 12 and 13).
+The gains (resid_lambdas, smear_lambda, ...) are each one sum over the whole batch whose terms cancel, and fp8 moved
+them by 0.34 (backout_lambda, H200) and 0.81 (smear_lambda, CPU): no tolerance there tells noise from a dropped
+gradient, so with fp8 only the matrices are compared. Every gradient that reaches a gain also passes through the
+matrices around it, and the bf16 case compares the gains too."""
 
 import pytest
 import torch
@@ -45,6 +49,8 @@ def test_compiled_step_gradients_equal_the_eager_models(tmp_path, fp8):
         run.loader.close()
     assert compiled.keys() == eager.keys()
     assert any("attn.c_q" in name for name in eager) and any("attn.c_k" in name for name in eager)
-    errors = {name: ((compiled[name] - g).norm() / g.norm()).item() for name, g in eager.items() if g.norm() > 0}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL[fp8], f"compiled vs eager gradients, relative error: {errors}"
+    errors = {name: ((compiled[name] - g).norm() / g.norm()).item() for name, g in eager.items()
+              if g.norm() > 0 and (g.dim() >= 2 or not fp8)}
+    assert any("attn.c_q" in name for name in errors), "no q gradient compared"
+    over = {name: e for name, e in errors.items() if e >= TOL[fp8]}
+    assert not over, f"compiled vs eager gradients over tolerance: {over}; all relative errors: {errors}"
