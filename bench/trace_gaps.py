@@ -6,6 +6,10 @@ A step whose wall time exceeds its GPU kernel time has gaps on the GPU timeline.
 kernel that ended it, the host call that launched that kernel, and the CPU ops enclosing that launch. If the
 launch came after the gap began, the host was late (host-bound: the enclosing ops are the cost); if it came
 before, the GPU waited on something else (a copy, an event). Gaps are summed by the innermost enclosing op.
+
+Then, per phase of the step (the profiler's ranges: data, forward, backward, optimizer), the host's time in the
+phase against the GPU time of the kernels it launched there: a phase whose host time exceeds its kernels' is
+host-bound, and the launches and host time per launch say whether fewer launches or cheaper ones would help.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import defaultdict
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "python_function"}
+PHASES = ("data", "forward", "backward", "optimizer")  # fastsft.profiling's ranges
 
 
 def load(path: str) -> list[dict]:
@@ -89,6 +94,35 @@ def main() -> None:
         print(f"\n{title}: {total / 1e3 / steps:.2f} ms/step")
         for key, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:args.top]:
             print(f"  {us / 1e3 / steps:8.3f} ms  x{n / steps:<6.3g} {key[:150]}")
+    print_phases(events, gpu, launches, steps)
+
+
+def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int) -> None:
+    """Host time of each phase against the GPU time of the kernels launched inside it (on any host thread: the
+    backward's launches come from autograd's device thread, inside the main thread's range)."""
+    ranges = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES),
+                    key=lambda e: e["ts"])
+    if not ranges:
+        return
+    starts = [r["ts"] for r in ranges]
+    host, gpu_ms, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for r in ranges:
+        host[r["name"]] += r["dur"]
+    for e in gpu:
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        i = bisect.bisect_right(starts, launch["ts"]) - 1
+        name = ranges[i]["name"] if i >= 0 and launch["ts"] <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
+        gpu_ms[name] += e["dur"]
+        count[name] += 1
+    print("\nper phase, ms a step: the host's time in it, the GPU time of what it launched (host-bound where host > GPU)")
+    print(f"  {'phase':10s} {'host':>8s} {'GPU':>8s} {'launches':>9s} {'host us/launch':>15s}")
+    for name in [*PHASES, "(between)"]:
+        if name in host or name in count:
+            n = count[name] / steps
+            per = host[name] / count[name] if count[name] else float("nan")
+            print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_ms[name] / 1e3 / steps:8.2f} {n:9.1f} {per:15.1f}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,28 @@ def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp
     assert "0.030 ms  x0.5    aten::mm" in late
 
 
+def test_trace_gaps_sets_each_phases_host_time_against_the_kernels_it_launched(tmp_path):
+    """One step: the forward's range takes 200 us of host time and launches two kernels of 30 us (host-bound); the
+    backward's kernel is launched from another thread (autograd's) inside the backward's range and takes 300 us."""
+    def event(name, cat, ts, dur, tid=1, **args):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+    events = [event("ProfilerStep#1", "user_annotation", 0, 1000), event("forward", "user_annotation", 0, 200),
+              event("backward", "user_annotation", 200, 400)]
+    for corr, (ts, tid) in enumerate([(50, 1), (150, 1), (250, 2)]):
+        events.append(event("cudaLaunchKernel", "cuda_runtime", ts, 5, tid=tid, correlation=corr))
+    events += [event("k_fwd_a", "kernel", 60, 30, correlation=0), event("k_fwd_b", "kernel", 160, 30, correlation=1),
+               event("k_bwd", "kernel", 260, 300, correlation=2)]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
+    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.split("per phase")[1].splitlines()[2:] if line.strip()}
+    assert rows["forward"] == ["0.20", "0.06", "2.0", "100.0"]
+    assert rows["backward"] == ["0.40", "0.30", "1.0", "400.0"]
+    assert "data" not in rows and "optimizer" not in rows
+
+
 def test_kernel_sources_copies_the_slowest_kernels_of_a_family_from_the_cache(tmp_path):
     cache = tmp_path / "cache"
     (cache / "ab").mkdir(parents=True)
