@@ -30,7 +30,7 @@ import torch
 
 from fastsft.chat import ConversationError
 from fastsft.data.base import DataError
-from fastsft.packing import PackedBatch, pack_rows, render_batch
+from fastsft.packing import PackedBatch, pack_pool, render_batch, rendered_lengths
 
 IGNORE_INDEX = -1  # targets of unsupervised positions and padding, as the packer writes them
 RENDER_CHUNK = 256  # conversations per C++ render call
@@ -42,6 +42,7 @@ class TaskRenderer:
 
     def __init__(self, task, tokenizer, seq_len: int):
         self.task, self.tokenizer, self.max_tokens = task, tokenizer, seq_len + 1
+        self.name = task.name
 
     def __len__(self) -> int:
         return len(self.task)
@@ -56,6 +57,8 @@ class TaskRenderer:
 
 class RenderedSource:
     """Already rendered (ids, mask) pairs, e.g. the peer benchmark's synthetic token streams."""
+
+    name = "pre-rendered conversations"
 
     def __init__(self, pairs: Sequence[tuple]):
         self.pairs = [(np.asarray(i, dtype=np.int32), np.asarray(m, dtype=np.uint8)) for i, m in pairs]
@@ -104,7 +107,8 @@ class PackedStream:
         self.render_chunk = render_chunk
         self.buffer = buffer or self._default_pool(order)
         self.epoch, self.position = 0, 0
-        self.pending: list[int] = []  # conversation indices waiting for a row, in data order
+        self.pending = np.zeros(0, dtype=np.int64)  # conversation indices waiting for a row, in data order
+        self._lengths = np.zeros(0, dtype=np.int64)  # their rendered lengths
         self._rendered: dict[int, tuple] = {}
         self._order = self._epoch_order(0)
 
@@ -118,10 +122,10 @@ class PackedStream:
 
     def epoch_left(self) -> bool:
         """Whether this epoch has conversations still to place (else the next batch starts the next epoch)."""
-        return self.position < len(self._order) or bool(self.pending)
+        return self.position < len(self._order) or len(self.pending) > 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "pending": list(self.pending),
+        return {"epoch": self.epoch, "position": self.position, "pending": self.pending.tolist(),
                 "rank": self.rank, "world": self.world, "order": self.placement_order, "buffer": self.buffer}
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,38 +133,52 @@ class PackedStream:
             raise ValueError(f"data state of rank {state['rank']} of {state['world']} cannot resume rank "
                              f"{self.rank} of {self.world}: resume with the same number of processes")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.pending = [int(i) for i in state["pending"]]
+        pending = np.asarray([int(i) for i in state["pending"]], dtype=np.int64)
         # The placement order and the pool size decide the batches, so a run resumes with those it started with;
         # states saved before "arrival" existed lack them and were longest first from a pool of 2x the budget.
         self.placement_order = state.get("order", "decreasing")
         self.buffer = int(state.get("buffer", self._default_pool("decreasing")))
-        self._rendered = dict(zip(self.pending, self.render(self.pending))) if self.pending else {}
+        self.pending, self._lengths, self._rendered = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), {}
+        self._admit(pending)
         self._order = self._epoch_order(self.epoch)
+
+    def _admit(self, indices: np.ndarray) -> None:
+        """Render conversations into the pool, each checked once here (types, shapes, the values' ranges) and named
+        by its index in the data when it fails, rather than on every batch while it waits."""
+        if len(indices) == 0:
+            return
+        pairs = self.render([int(i) for i in indices])
+        name = getattr(self.render, "name", "conversations")
+        try:
+            lengths = rendered_lengths(pairs, name, label=lambda k: f"conversation {int(indices[k])}")
+        except (TypeError, ValueError) as e:
+            raise DataError(str(e)) from None
+        self._rendered.update(zip(indices.tolist(), pairs))
+        self.pending = np.concatenate([self.pending, indices])
+        self._lengths = np.concatenate([self._lengths, lengths])
 
     def next_batch(self) -> HostBatch:
         while len(self.pending) < self.buffer:
             if self.position >= len(self._order):
-                if self.pending:
+                if len(self.pending):
                     break  # finish this epoch's conversations before the next epoch's
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
-            chunk = self._order[self.position:self.position + self.render_chunk].tolist()
-            self._rendered.update(zip(chunk, self.render(chunk)))
-            self.pending += chunk
+            chunk = self._order[self.position:self.position + self.render_chunk].astype(np.int64)
+            self._admit(chunk)
             self.position += len(chunk)
         epoch = self.epoch
-        packed = pack_rows([self._rendered[i] for i in self.pending], self.seq_len, num_rows=self.rows,
-                           pad_id=self.pad_id, max_seqs=self.max_seqs, order=self.placement_order)
-        left = set(packed.leftover.tolist())
-        if len(left) == len(self.pending):
+        pending = self.pending
+        packed = pack_pool(self._lengths, lambda ks: [self._rendered[int(pending[k])] for k in ks], self.seq_len,
+                           num_rows=self.rows, pad_id=self.pad_id, max_seqs=self.max_seqs, order=self.placement_order)
+        placed = packed.placement[:, 0] >= 0
+        if not placed.any():
             raise RuntimeError(f"no conversation fits in {self.rows} rows of {self.seq_len} with "
                                f"max_seqs={self.max_seqs}")
-        placed = [k for k in range(len(self.pending)) if k not in left]
-        lengths = packed.placement[placed, 2]
-        for k in placed:
-            del self._rendered[self.pending[k]]
-        self.pending = [self.pending[k] for k in sorted(left)]
-        return HostBatch(packed, lengths, self.state_dict(), epoch)
+        for i in pending[placed].tolist():
+            del self._rendered[i]
+        self.pending, self._lengths = pending[~placed], self._lengths[~placed]
+        return HostBatch(packed, packed.placement[placed, 2], self.state_dict(), epoch)
 
 
 # -- device hand-off -------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from fastsft import _C
 from fastsft.batches import PackedStream, RenderedSource
-from fastsft.packing import (PLACEMENT_ORDERS, RenderedBatch, default_max_seqs, pack_rows, pack_rows_reference,
-                             render_batch_flat, segment_budget)
+from fastsft.data.base import DataError
+from fastsft.packing import (PLACEMENT_ORDERS, RenderedBatch, default_max_seqs, pack_pool, pack_rows,
+                             pack_rows_reference, render_batch_flat, segment_budget)
 from fastsft.tokenizer import Tokenizer
 
 FIELDS = ("input_ids", "targets", "position_ids", "cu_seqlens", "max_seqlen", "num_seqs", "num_supervised",
@@ -241,6 +242,67 @@ def test_leftovers_carry_over_to_the_next_batch():
         seen += placed
         pending = [pending[k] for k in packed.leftover]
     assert sorted(seen) == list(range(len(rendered)))
+
+
+@pytest.mark.parametrize("order", PLACEMENT_ORDERS)
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_pool_is_pack_rows_over_the_pool_fetching_only_what_it_places(order, seed):
+    # A pool of ~8 batches' worth (as a training stream keeps), odd sizes, some conversations longer than a row:
+    # the batch is pack_rows' over the whole pool field for field, and only the placed conversations' tokens are
+    # asked for (the pool's waiting conversations cost nothing a batch).
+    rng = np.random.default_rng(seed)
+    seq_len, rows = int(rng.integers(17, 90)), int(rng.integers(1, 5))
+    pool = random_rendered(rng, int(rng.integers(1, 120)), max_len=seq_len + 5)
+    max_seqs = int(rng.integers(rows, 4 * rows + 9))  # down to a budget that fits nothing
+    fetched = []
+
+    def fetch(positions):
+        fetched.append(np.asarray(positions).copy())
+        return [pool[k] for k in positions]
+
+    lengths = np.array([len(ids) for ids, _ in pool], dtype=np.int64)
+    got = pack_pool(lengths, fetch, seq_len, num_rows=rows, pad_id=7, max_seqs=max_seqs, order=order)
+    want = pack_rows(pool, seq_len, num_rows=rows, pad_id=7, max_seqs=max_seqs, order=order)
+    for field in want.__dataclass_fields__:
+        a, b = getattr(got, field), getattr(want, field)
+        assert (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b), field
+    assert len(fetched) == 1 and np.array_equal(fetched[0], np.flatnonzero(want.placement[:, 0] >= 0))
+    if len(fetched[0]) == 0:
+        return  # nothing fitted the budget (also a case pack_rows has)
+    with pytest.raises(ValueError, match="fetched conversations do not have the pool's lengths"):
+        pack_pool(lengths, lambda ks: [(pool[k][0][1:], pool[k][1][1:]) for k in ks], seq_len, num_rows=rows,
+                  pad_id=7, max_seqs=max_seqs, order=order)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ((np.array([1, -3, 2]), np.array([0, 1, 1])), "conversation 13 holds token id -3"),
+    ((np.array([1, 2, 3]), np.array([0, 1])), "conversation 13 has 3 ids but 2 mask values"),
+    ((np.array([1.0, 2.0]), np.array([0, 1])), "conversation 13 ids must be integers"),
+    ((np.array([1, 2 ** 33]), np.array([0, 1])), r"conversation 13: token id 8589934592 is outside \[0, 2\^31\)"),
+])
+def test_stream_names_the_bad_conversation_by_its_index_in_the_data(bad, match):
+    # Checked once, when it joins the pool: a DataError naming the source and the conversation's own index (not
+    # its place in the pool), raised by the batch that would have rendered it.
+    class Source:
+        name = "my-source"
+
+        def __init__(self, pairs):
+            self.pairs = pairs
+
+        def __len__(self):
+            return len(self.pairs)
+
+        def __call__(self, indices):
+            return [self.pairs[i] for i in indices]
+
+    pairs = [_pair(3) for _ in range(20)]
+    pairs[13] = bad
+    stream = PackedStream(Source(pairs), 1, 8, 4, pad_id=0, render_chunk=5, buffer=6)
+    stream.next_batch()  # conversations 0-9 are in the pool
+    with pytest.raises(DataError, match=f"my-source: {match}"):
+        for _ in range(10):
+            stream.next_batch()
+    assert 13 not in stream.pending.tolist()
 
 
 def two_task_stream(n: int, seq_len: int, seed: int = 0) -> tuple[RenderedSource, np.ndarray]:
