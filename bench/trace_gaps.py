@@ -105,7 +105,7 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
     if not ranges:
         return
     starts = [r["ts"] for r in ranges]
-    host, gpu_ms, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    host, gpu_us, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for r in ranges:
         host[r["name"]] += r["dur"]
     for e in gpu:
@@ -114,7 +114,7 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
             continue
         i = bisect.bisect_right(starts, launch["ts"]) - 1
         name = ranges[i]["name"] if i >= 0 and launch["ts"] <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
-        gpu_ms[name] += e["dur"]
+        gpu_us[name] += e["dur"]
         count[name] += 1
     print("\nper phase, ms a step: the host's time in it, the GPU time of what it launched (host-bound where host > GPU)")
     print(f"  {'phase':10s} {'host':>8s} {'GPU':>8s} {'launches':>9s} {'host us/launch':>15s}")
@@ -122,7 +122,7 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
         if name in host or name in count:
             n = count[name] / steps
             per = host[name] / count[name] if count[name] else float("nan")
-            print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_ms[name] / 1e3 / steps:8.2f} {n:9.1f} {per:15.1f}")
+            print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_us[name] / 1e3 / steps:8.2f} {n:9.1f} {per:15.1f}")
 
 
 if __name__ == "__main__":

@@ -267,12 +267,11 @@ def rendered_lengths(rendered, where: str, label=None) -> np.ndarray:
     0 or 1), on the host; errors name the where and label(i), by default "conversation i"."""
     label = label or "conversation {}".format
     ids, mask, offsets = _as_flat(rendered, where, label)
-    for bad, what in ((ids < 0, "holds token id {} at position {}, outside [0, 2^31)"),
-                      (mask > 1, "mask holds {} at position {}; mask values must be 0 or 1")):
+    for values, bad, what in ((ids, ids < 0, "holds token id {} at position {}, outside [0, 2^31)"),
+                              (mask, mask > 1, "mask holds {} at position {}; mask values must be 0 or 1")):
         if bad.any():
             p = int(np.flatnonzero(bad)[0])
             conv = int(np.searchsorted(offsets, p, side="right") - 1)
-            values = ids if what.startswith("holds") else mask
             raise ValueError(f"{where}: {label(conv)} " + what.format(int(values[p]), p - int(offsets[conv])))
     return np.diff(offsets)
 
