@@ -116,13 +116,15 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
         name = ranges[i]["name"] if i >= 0 and launch["ts"] <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
         gpu_us[name] += e["dur"]
         count[name] += 1
-    print("\nper phase, ms a step: the host's time in it, the GPU time of what it launched (host-bound where host > GPU)")
+    print("\nper phase, ms a step: the host's time in it, the GPU time of what it launched "
+          "(host-bound where host > GPU)")
     print(f"  {'phase':10s} {'host':>8s} {'GPU':>8s} {'launches':>9s} {'host us/launch':>15s}")
     for name in [*PHASES, "(between)"]:
         if name in host or name in count:
             n = count[name] / steps
             per = host[name] / count[name] if count[name] else float("nan")
-            print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_us[name] / 1e3 / steps:8.2f} {n:9.1f} {per:15.1f}")
+            print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_us[name] / 1e3 / steps:8.2f} {n:9.1f} "
+                  f"{per:15.1f}")
 
 
 if __name__ == "__main__":
