@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
-#                             fp8budget base variants variant:NAME knob:KEY=VALUE fp8test mempeak train
+#                             fp8budget base variants variant:NAME knob:KEY=VALUE at12 fp8test mempeak train
 #                             peerprof12 eval fp8scaling
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
@@ -25,6 +25,8 @@
 #            code beside this one's in one command (git show BRANCH:fastsft/fp8.py > .variants/NAME/fastsft/fp8.py;
 #            the folder is ignored, so carry it); a variant's own files under tests/gpu/ run first
 #   knob:KEY=VALUE: the base step with that inductor setting (bench/step.py --inductor KEY=VALUE), read as base
+#   at12:    the base, variant and knob parts after it run the d12 fp8 step (32x2048) instead of d20's: where the
+#            step is host-bound (bench/RESULTS.md, run 13); their logs and files are named *_d12
 #   fp8test: the fp8 and memory_peak GPU tests, and the loss compiling nothing again for a new row count
 #   mempeak: what is alive at the d20 step's memory peak (bench/step.py --memory-peak), fp8 with
 #            activation_memory_budget = 0.5 and fp8 alone
@@ -60,10 +62,11 @@ step() {
 peer_d20_ran=
 # base, each variant and each knob: the d20 fp8 step, profiled, with what is alive at its memory peak, and where
 # its GPU waits. variant_step NAME LABEL TIMEOUT [step.py-arguments...]
+variant_shape=(--depth 20 --batch 16); variant_suffix=""
 variant_step() {
-  local name=$1 label=$2 limit=$3
+  local name=$1$variant_suffix label=$2$variant_suffix limit=$3 log="d${variant_shape[1]}_fp8_$1"
   shift 3
-  step LOG="d20_fp8_$name" TIMEOUT="$limit" TAIL=70 --depth 20 --batch 16 --override=--fp8=true --profile 3 --top 40 \
+  step LOG="$log" TIMEOUT="$limit" TAIL=70 "${variant_shape[@]}" --override=--fp8=true --profile 3 --top 40 \
     --memory-peak 16 --label "$label" "$@"
   python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
   # the slowest compiled kernels' code: the cache that holds it goes with the machine
@@ -100,12 +103,15 @@ for part in "$@"; do
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
               --peer --no-peer-profile ;;
     base) variant_step base "variant base" 420 ;;
+    at12) variant_shape=(--depth 12 --batch 32); variant_suffix=_d12 ;;
     fp8scaling)
       timeout 300 python3 bench/gpu_fp8_scaling.py --json "$out/fp8_scaling.json" 2>&1 | tee "$out/fp8_scaling.log" \
         | short 50
       ;;
-    knob:*)  # the base step with one inductor setting, e.g. knob:coordinate_descent_tuning=True
-      variant_step "$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" "$part" 420 --inductor "${part#knob:}" ;;
+    knob:*)  # the base step with one inductor setting, e.g. knob:coordinate_descent_tuning=True; inductor's
+      # performance hints in the step's log say what it declined (e.g. "skipping cudagraphs due to ...")
+      TORCH_LOGS=perf_hints variant_step "$(echo "${part#knob:}" | tr -c 'A-Za-z0-9_\n' _)" "$part" 420 \
+        --inductor "${part#knob:}" ;;
     variants|variant:*)
       if [ "$part" = variants ]; then dirs=(.variants/*/); else dirs=(".variants/${part#variant:}/"); fi
       for dir in "${dirs[@]}"; do
