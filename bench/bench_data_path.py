@@ -169,3 +169,29 @@ def test_streaming_efficiency_fixed_rows(benchmark, data, budget):
     benchmark.extra_info.update(steps=steps, mean_efficiency_full_steps=float(np.mean(full)), max_seqs=max_seqs)
     print(f"\nstreaming 16x{SEQ_LEN} rows, buffer 64, {max_seqs} segments ({budget}): {steps} steps, mean "
           f"efficiency {np.mean(full):.3f} (excluding the 2 draining steps)")
+
+
+@pytest.mark.parametrize("budget", ["segment_budget", "default"])
+def test_training_stream_batch(benchmark, data, budget):
+    """What the loader thread spends a batch: fastsft.batches.PackedStream's next_batch, 32 rows of 2048 (d12's
+    micro-batch) from its pool of 8x the segment budget, left-overs carried. This runs beside the training loop and
+    holds the GIL where it is Python, so it must stay a small part of a step's host time. On our CPU: 0.52 ms
+    (budget 128, sized to the data) and 0.66 ms (the default budget), where flattening the whole pool every batch
+    took 4.3 and 79 ms (bench/RESULTS.md, run 13)."""
+    from fastsft.batches import PackedStream, RenderedSource
+
+    tokenizer, conversations = data
+    pairs = render_batch_flat(tokenizer, conversations, max_tokens=SEQ_LEN + 1).to_list()
+    source = RenderedSource(pairs * 40)  # 20,480 conversations: the pool never drains during the rounds
+    rows = 32
+    max_seqs = (default_max_seqs(rows, SEQ_LEN) if budget == "default"
+                else segment_budget(np.diff(render_batch_flat(tokenizer, conversations, SEQ_LEN + 1).offsets), rows,
+                                    SEQ_LEN))
+    stream = PackedStream(source, rows, SEQ_LEN, max_seqs, pad_id=tokenizer.bos_id)
+    for _ in range(3):  # fill the pool first: its first batches render it
+        stream.next_batch()
+    batch = benchmark.pedantic(stream.next_batch, rounds=15, iterations=1)
+    assert batch.packed.num_tokens > 0 and len(stream.pending) > len(batch.lengths)
+    benchmark.extra_info.update(max_seqs=max_seqs, pool=len(stream.pending), placed=len(batch.lengths))
+    print(f"\ntraining stream, {rows}x{SEQ_LEN}, budget {max_seqs} ({budget}), pool {len(stream.pending)}: "
+          f"median {benchmark.stats.stats.median * 1e3:.2f} ms a batch, {len(batch.lengths)} conversations placed")
