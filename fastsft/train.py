@@ -278,7 +278,8 @@ def build_run(cfg: TrainConfig, resume: bool = False, rendered=None) -> Run:
         import torch._functorch.config as partitioner
 
         partitioner.activation_memory_budget = cfg.activation_memory_budget
-        step_model = torch.compile(model, dynamic=False)
+        graphs = cfg.cuda_graphs and d.device.type == "cuda"
+        step_model = torch.compile(model, dynamic=False, options={"triton.cudagraphs": True} if graphs else None)
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

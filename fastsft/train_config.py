@@ -64,6 +64,10 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false
     loss_layout: str = "fast"  # fused linear cross-entropy layout: fast | low_memory
     activation_memory_budget: float = 1.0  # < 1: the compiled backward recomputes to keep this share of activations
+    # the compiled graphs replayed as CUDA graphs (inductor's cudagraph trees): one launch for what the host
+    # otherwise launches kernel by kernel, where a small model's step waits on the host (bench/RESULTS.md, run 13);
+    # the loss stays outside, behind its graph break. Not yet measured on a GPU, so off
+    cuda_graphs: bool = False
     # AdamW's moments: "param" keeps them in the parameter's dtype (bf16 for the bf16 embedding tables on GPUs, as
     # nanochat does: 1.7 GiB less at d20), "fp32" always fp32
     adam_moments: str = "param"
@@ -112,6 +116,8 @@ class TrainConfig:
             raise ConfigError("set target_examples_per_step or target_tokens_per_step (both are 0)")
         if not 0.0 < self.activation_memory_budget <= 1.0:
             raise ConfigError(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
+        if self.cuda_graphs and self.compile == "false":
+            raise ConfigError("cuda_graphs replays the compiled graphs: it needs compile = auto or true")
         for name in ("init_lr_frac", "warmup_ratio", "warmdown_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -171,6 +171,9 @@ def test_bad_config_key_or_value_is_named(tmp_path):
         load_config(None, ["--loss_layout=huge"])
     with pytest.raises(ConfigError, match=r"activation_memory_budget must be in \(0, 1\]"):
         load_config(None, ["--activation_memory_budget=0"])
+    with pytest.raises(ConfigError, match="cuda_graphs replays the compiled graphs: it needs compile = auto or true"):
+        load_config(None, ["--cuda_graphs=true", "--compile=false"])
+    assert load_config(None, ["--cuda_graphs=true"]).cuda_graphs
     with pytest.raises(ConfigError, match="adam_moments must be one of param, fp32"):
         load_config(None, ["--adam_moments=fp16"])
     bad = tmp_path / "bad.toml"

@@ -31,11 +31,18 @@ def _gradients(run, model, batch):
     return {name: p.grad.float().clone() for name, p in run.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_compiled_step_gradients_equal_the_eager_models(tmp_path, fp8):
+@pytest.mark.parametrize("fp8, cuda_graphs", [(False, False), (True, False), (True, True)])
+def test_compiled_step_gradients_equal_the_eager_models(tmp_path, fp8, cuda_graphs):
+    # cuda_graphs: the compiled graphs replayed as CUDA graphs; cudagraph trees run a graph eagerly once, record it
+    # the second time and replay it from the third, so the third step's gradients are compared, and a graph
+    # inductor declined to capture fails the test (it counts them)
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmuls need compute capability 8.9+")
-    run = train_mod.build_run(tiny_config(tmp_path, *SHAPE, f"--fp8={str(fp8).lower()}"))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run = train_mod.build_run(tiny_config(tmp_path, *SHAPE, f"--fp8={str(fp8).lower()}",
+                                          f"--cuda_graphs={str(cuda_graphs).lower()}"))
     try:
         assert run.compiled
         torch.manual_seed(0)
@@ -43,10 +50,15 @@ def test_compiled_step_gradients_equal_the_eager_models(tmp_path, fp8):
             for p in run.model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
         batch = run.loader.get()
-        compiled = _gradients(run, run.step_model, batch)
+        for _ in range(3 if cuda_graphs else 1):
+            compiled = _gradients(run, run.step_model, batch)
         eager = _gradients(run, run.model, batch)
     finally:
         run.loader.close()
+    if cuda_graphs:
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+        # recording a graph counts its inputs that are not parameters (the batch's): none counted, none recorded
+        assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0, dict(counters["inductor"])
     assert compiled.keys() == eager.keys()
     assert any("attn.c_q" in name for name in eager) and any("attn.c_k" in name for name in eager)
     errors = {name: ((compiled[name] - g).norm() / g.norm()).item() for name, g in eager.items()
