@@ -15,7 +15,8 @@
 #   budget:  the d20 step with activation_memory_budget = 0.5 (the compiled backward recomputes)
 #   keepmlp: the d20 step with recompute_mlp = false (the MLP keeps relu^2's output too); keepmlp12: at d12
 #   fp8_20, fp8_12: the d20 / d12 step with fp8 = true (the blocks' projections in fp8), profiled, beside
-#            nanochat's step (fp8_20 with the seed recipe too); fp8budget: fp8 at d20 with
+#            nanochat's step (fp8_20 with the seed recipe too), and its host time by phase (bench/trace_gaps.py);
+#            fp8budget: fp8 at d20 with
 #            activation_memory_budget = 0.5;
 #   base:    the d20 fp8 step of this checkout as the variants run it (profiled, --memory-peak, where its GPU
 #            waits by bench/trace_gaps.py, its 12 slowest compiled kernels' code by bench/kernel_sources.py),
@@ -60,6 +61,11 @@ step() {
   timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
 }
 peer_d20_ran=
+# where the profiled fastsft steps waited, to $out/gaps_NAME.log; the per-phase host table printed
+phases() {
+  python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 >"$out/gaps_$1.log" 2>&1
+  grep -A7 "^per phase" "$out/gaps_$1.log"
+}
 # base, each variant and each knob: the d20 fp8 step, profiled, with what is alive at its memory peak, and where
 # its GPU waits. variant_step NAME LABEL TIMEOUT [step.py-arguments...]
 variant_shape=(--depth 20 --batch 16); variant_suffix=""
@@ -99,9 +105,9 @@ for part in "$@"; do
     keepmlp) step LOG=d20_keepmlp --depth 20 --batch 16 --override=--recompute_mlp=false ;;
     keepmlp12) step LOG=d12_keepmlp --depth 12 --batch 32 --override=--recompute_mlp=false ;;
     fp8_20) step LOG=d20_fp8 TIMEOUT=420 TAIL=60 --depth 20 --batch 16 --profile 3 --top 40 --override=--fp8=true \
-              --peer --no-peer-profile --seed-recipe; peer_d20_ran=1 ;;
+              --peer --no-peer-profile --seed-recipe; peer_d20_ran=1; phases d20_fp8 ;;
     fp8_12) step LOG=d12_fp8 TIMEOUT=360 TAIL=60 --depth 12 --batch 32 --profile 3 --top 40 --override=--fp8=true \
-              --peer --no-peer-profile ;;
+              --peer --no-peer-profile; phases d12_fp8 ;;
     base) variant_step base "variant base" 420 ;;
     at12) variant_shape=(--depth 12 --batch 32); variant_suffix=_d12 ;;
     fp8scaling)
