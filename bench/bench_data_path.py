@@ -181,12 +181,11 @@ def test_training_stream_batch(benchmark, data, budget):
     from fastsft.batches import PackedStream, RenderedSource
 
     tokenizer, conversations = data
-    pairs = render_batch_flat(tokenizer, conversations, max_tokens=SEQ_LEN + 1).to_list()
-    source = RenderedSource(pairs * 40)  # 20,480 conversations: the pool never drains during the rounds
+    flat = render_batch_flat(tokenizer, conversations, max_tokens=SEQ_LEN + 1)
+    source = RenderedSource(flat.to_list() * 40)  # 20,480 conversations: the pool never drains during the rounds
     rows = 32
     max_seqs = (default_max_seqs(rows, SEQ_LEN) if budget == "default"
-                else segment_budget(np.diff(render_batch_flat(tokenizer, conversations, SEQ_LEN + 1).offsets), rows,
-                                    SEQ_LEN))
+                else segment_budget(np.diff(flat.offsets), rows, SEQ_LEN))
     stream = PackedStream(source, rows, SEQ_LEN, max_seqs, pad_id=tokenizer.bos_id)
     for _ in range(3):  # fill the pool first: its first batches render it
         stream.next_batch()

@@ -61,9 +61,10 @@ step() {
   timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
 }
 peer_d20_ran=
-# where the profiled fastsft steps waited, to $out/gaps_NAME.log; the per-phase host table printed
+# where the profiled fastsft steps waited, to $out/gaps_NAME.log; printed: the idle time and the per-phase table
 phases() {
   python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 >"$out/gaps_$1.log" 2>&1
+  head -1 "$out/gaps_$1.log"
   grep -A7 "^per phase" "$out/gaps_$1.log"
 }
 # base, each variant and each knob: the d20 fp8 step, profiled, with what is alive at its memory peak, and where
@@ -74,7 +75,7 @@ variant_step() {
   shift 3
   step LOG="$log" TIMEOUT="$limit" TAIL=70 "${variant_shape[@]}" --override=--fp8=true --profile 3 --top 40 \
     --memory-peak 16 --label "$label" "$@"
-  python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_$name.log"
+  phases "$name"
   # the slowest compiled kernels' code: the cache that holds it goes with the machine
   python3 bench/kernel_sources.py "$out/step.jsonl" "$out/kernels_$name" --top 12 >"$out/kernels_$name.log" 2>&1
 }
@@ -96,7 +97,7 @@ for part in "$@"; do
     step20) step LOG=d20 TIMEOUT=400 TAIL=26 --depth 20 --batch 16 --peer --profile 3 --seed-recipe; peer_d20_ran=1 ;;
     step12)
       step LOG=d12 TIMEOUT=300 TAIL=18 --depth 12 --batch 32 --peer --profile 3 --no-peer-profile
-      python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 2>&1 | tee "$out/gaps_d12.log"
+      phases d12
       ;;
     plain20) step LOG=d20_plain --depth 20 --batch 16 ;;
     micro) step LOG=d20_mb4 --depth 20 --batch 16 --micro-batch 4 ;;

@@ -257,8 +257,7 @@ def _as_flat(rendered, where: str, label=None) -> tuple[np.ndarray, np.ndarray, 
         info = np.iinfo(dtype)
         if len(values) and values.dtype != np.bool_ and (values.min() < info.min or values.max() > info.max):
             bad = int(np.flatnonzero((values < info.min) | (values > info.max))[0])
-            conv = int(np.searchsorted(offsets, bad, side="right") - 1)
-            raise ValueError(f"{where}: {value_label(conv)}: " + what.format(values[bad]))
+            raise ValueError(f"{where}: {value_label(_conversation_at(offsets, bad))}: " + what.format(values[bad]))
     return ids.astype(np.int32), mask.astype(np.uint8), offsets
 
 
@@ -271,9 +270,14 @@ def rendered_lengths(rendered, where: str, label=None) -> np.ndarray:
                               (mask, mask > 1, "mask holds {} at position {}; mask values must be 0 or 1")):
         if bad.any():
             p = int(np.flatnonzero(bad)[0])
-            conv = int(np.searchsorted(offsets, p, side="right") - 1)
+            conv = _conversation_at(offsets, p)
             raise ValueError(f"{where}: {label(conv)} " + what.format(int(values[p]), p - int(offsets[conv])))
     return np.diff(offsets)
+
+
+def _conversation_at(offsets: np.ndarray, position: int) -> int:
+    """Which conversation holds flat position `position` (offsets: each one's start, then the total)."""
+    return int(np.searchsorted(offsets, position, side="right") - 1)
 
 
 def _check_pack_args(where, lengths, seq_len, num_rows, pad_id, max_seqs, order):
