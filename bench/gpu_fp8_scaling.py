@@ -9,12 +9,13 @@ costs, before the step is rebuilt on it.
 
 For each projection of a block (q/k/v as one, attention's c_proj, c_fc, the MLP's c_proj) and each of its three
 matmuls (forward, input gradient, weight gradient), at d20 (16 x 2048 rows, width 1280) and d12 (32 x 2048, 768):
-bf16, tensorwise fp8 (the step's today: gradients in e5m2) and blockwise fp8 (gradients in e4m3, whose 128-value
-groups need no e5m2 range: cuBLAS's blockwise recipes are e4m3), each fp8 result checked against the float64
-product of its dequantized operands; then their sum over a step's layers. Then one (rows, width) bf16 activation
-quantized into both layouts the matmuls read (row-major for the forward, transposed for the weight gradient),
-compiled: tensorwise (a pass for the maximum, then the cast) against blockwise (each layout's groups from their own
-128 values, no pass over the whole tensor first).
+bf16, tensorwise fp8 (the step's today: gradients in e5m2), the same with fast accumulation (`use_fast_accum`:
+the tensor cores' own accumulator, not fp32; torchao's choice for the forward) and blockwise fp8 (gradients in
+e4m3, whose 128-value groups need no e5m2 range: cuBLAS's blockwise recipes are e4m3), each fp8 result checked
+against the float64 product of its dequantized operands; then their sum over a step's layers. Then one (rows,
+width) bf16 activation quantized into both layouts the matmuls read (row-major for the forward, transposed for the
+weight gradient), compiled: tensorwise (a pass for the maximum, then the cast) against blockwise (each layout's
+groups from their own 128 values, no pass over the whole tensor first).
 
     python bench/gpu_fp8_scaling.py [--json rows.json] [--tiny --device cpu]  (--tiny: a smoke run of the script)
 
@@ -71,6 +72,12 @@ def blockwise_calls(make, exact) -> dict:
     return {"blockwise": (make(False), exact), "blockwise 1/s": (make(True), exact)}
 
 
+def tensorwise_calls(make, exact) -> dict:
+    """make(fast) -> the tensorwise call accumulating in fp32 (the step's) or in the tensor cores' own narrower
+    accumulator (use_fast_accum, torchao's choice for the forward), both against one exact product."""
+    return {"tensorwise": (make(False), exact), "tensorwise fast": (make(True), exact)}
+
+
 def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str):
     """The three matmuls of y = x @ W.T, x (M, K_in), W (N_out, K_in), as {name: {recipe: (fn, exact)}} where exact
     is the float64 product of the operands that recipe's call reads."""
@@ -85,8 +92,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str):
     wt, wts = tensor_quantize(w, E4M3)
     out["forward"] = {
         "bf16": (lambda: x @ w.t(), x.double() @ w.double().t()),
-        "tensorwise": (lambda: torch._scaled_mm(xt, wt.t(), scale_a=xts, scale_b=wts, out_dtype=torch.bfloat16),
-                       (xt.double() * xts.double()) @ (wt.double() * wts.double()).t()),
+        **tensorwise_calls(lambda fast: lambda: torch._scaled_mm(
+            xt, wt.t(), scale_a=xts, scale_b=wts, out_dtype=torch.bfloat16, use_fast_accum=fast),
+            (xt.double() * xts.double()) @ (wt.double() * wts.double()).t()),
         **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
             xq, wq.t(), scale_a=outer_major(xs, inv), scale_b=weight_scales(ws, inv), out_dtype=torch.bfloat16),
             dequantized(xq, xs, 1, G) @ dequantized(wq, ws, G, G).t()),
@@ -98,8 +106,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str):
     wcol = wt.t().contiguous().t()
     out["input grad"] = {
         "bf16": (lambda: g @ w, g.double() @ w.double()),
-        "tensorwise": (lambda: torch._scaled_mm(gt, wcol, scale_a=gts, scale_b=wts, out_dtype=torch.bfloat16),
-                       (gt.double() * gts.double()) @ (wt.double() * wts.double())),
+        **tensorwise_calls(lambda fast: lambda: torch._scaled_mm(
+            gt, wcol, scale_a=gts, scale_b=wts, out_dtype=torch.bfloat16, use_fast_accum=fast),
+            (gt.double() * gts.double()) @ (wt.double() * wts.double())),
         **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
             gq, wtq.t(), scale_a=outer_major(gs, inv), scale_b=weight_scales(wtqs, inv), out_dtype=torch.bfloat16),
             dequantized(gq, gs, 1, G) @ dequantized(wtq, wtqs, G, G).t()),
@@ -111,8 +120,9 @@ def matmuls(M: int, K_in: int, N_out: int, gen: torch.Generator, device: str):
     xTt = xt.t().contiguous()
     out["weight grad"] = {
         "bf16": (lambda: g.t() @ x, g.double().t() @ x.double()),
-        "tensorwise": (lambda: torch._scaled_mm(gTt, xTt.t(), scale_a=gts, scale_b=xts, out_dtype=torch.bfloat16),
-                       (gTt.double() * gts.double()) @ (xTt.double() * xts.double()).t()),
+        **tensorwise_calls(lambda fast: lambda: torch._scaled_mm(
+            gTt, xTt.t(), scale_a=gts, scale_b=xts, out_dtype=torch.bfloat16, use_fast_accum=fast),
+            (gTt.double() * gts.double()) @ (xTt.double() * xts.double()).t()),
         **blockwise_calls(lambda inv: lambda: torch._scaled_mm(
             gTq, xTq.t(), scale_a=outer_major(gTs, inv), scale_b=outer_major(xTs, inv).t(), out_dtype=torch.bfloat16),
             dequantized(gTq, gTs, 1, G) @ dequantized(xTq, xTs, 1, G).t()),
@@ -180,23 +190,25 @@ def blockwise(by: dict) -> dict:
 def report(rows: list[dict], models: dict) -> None:
     env = environment()
     print(f"\ndevice: {env['device']}, torch {env['torch']}, triton {env['triton']}")
-    print(f"{'model':5} {'projection':34} {'matmul':12} {'bf16 ms':>8} {'tensor':>8} {'block':>8} {'block err':>9} "
-          f"{'scales':>6}")
+    print(f"{'model':5} {'projection':34} {'matmul':12} {'bf16 ms':>8} {'tensor':>8} {'fast':>8} {'block':>8} "
+          f"{'tensor err':>10} {'fast err':>9} {'block err':>9} {'scales':>6}")
     table = {}
     for r in rows:
         table.setdefault((r["model"], r["projection"], r["matmul"]), {})[r["recipe"]] = r
     for (model, proj, mm), by in table.items():
         block = blockwise(by)
-        ms = [by.get(k, {}).get("ms", float("nan")) for k in ("bf16", "tensorwise")] + [block.get("ms", float("nan"))]
-        err, recipe = block.get("rel_err"), block.get("recipe", "")
-        err_text = "" if err is None else f"{err:9.2e}"
-        scales = "" if mm == "-" else ("1/s" if recipe.endswith("1/s") else "s")
-        print(f"{model:5} {proj:34} {mm:12} {ms[0]:8.3f} {ms[1]:8.3f} {ms[2]:8.3f} {err_text:>9} {scales:>6}")
+        ms = [by.get(k, {}).get("ms", float("nan")) for k in ("bf16", "tensorwise", "tensorwise fast")]
+        ms.append(block.get("ms", float("nan")))
+        errs = [by.get(k, {}).get("rel_err") for k in ("tensorwise", "tensorwise fast")] + [block.get("rel_err")]
+        err_text = ["" if e is None else f"{e:9.2e}" for e in errs]
+        scales = "" if mm == "-" else ("1/s" if block.get("recipe", "").endswith("1/s") else "s")
+        print(f"{model:5} {proj:34} {mm:12} {ms[0]:8.3f} {ms[1]:8.3f} {ms[2]:8.3f} {ms[3]:8.3f} {err_text[0]:>10} "
+              f"{err_text[1]:>9} {err_text[2]:>9} {scales:>6}")
     print("\nper step (every projection's three matmuls, times the layers), ms:")
     for model, (layers, _, _) in models.items():
         keys = {(r["projection"], r["matmul"]) for r in rows if r["model"] == model and r["matmul"] != "-"}
         sums = {k: layers * sum(table[(model, *key)].get(k, {}).get("ms", float("nan")) for key in keys)
-                for k in ("bf16", "tensorwise")}
+                for k in ("bf16", "tensorwise", "tensorwise fast")}
         sums["blockwise"] = layers * sum(blockwise(table[(model, *key)]).get("ms", float("nan")) for key in keys)
         print(f"  {model}: " + ", ".join(f"{k} {v:.1f}" for k, v in sums.items()))
 

@@ -35,8 +35,9 @@
 #            (300 steps, random init, synthetic chat)
 #   peerprof12: nanochat's d12 step profiled (bench/peer_profile.py)
 #   eval:    bench/gpu_eval.py (MMLU / ARC-Easy problems per second of a d20-size model)
-#   fp8scaling: bench/gpu_fp8_scaling.py (each projection's matmuls with tensorwise or blockwise fp8 scales, and
-#            one quantization each way): whether blockwise scales, whose casts need no pass for the maximum, pay
+#   fp8scaling: bench/gpu_fp8_scaling.py (each projection's matmuls with tensorwise fp8 scales, with or without
+#            fast accumulation, or blockwise scales, and one quantization each way): whether blockwise scales, whose
+#            casts need no pass for the maximum, or fast accumulation pay
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
 # attention tests fail, the later parts pin torch's varlen attention instead, and say so.
 # Logs and JSON rows go to $OUT (or /tmp/fastsft-gpu); short tables are printed last.
