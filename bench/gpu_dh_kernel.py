@@ -212,7 +212,7 @@ def main(tiny, device):
         if not interpreted:
             max_pass, cast_pass, out = v2_passes(da, a, a_inv, fp8.E5M2, None, interpreted)  # autotunes here
             max_pass(), cast_pass()
-            for kernel in (rg._dh_max_tuned, rg._dh_cast_tuned):
+            for kernel in (rg._dh_max_tuned, rg._cast_tuned):
                 print(f"  autotuned {kernel.base_fn.__name__}: {kernel.best_config}")
                 for config, timing in sorted(getattr(kernel, "configs_timings", {}).items(), key=lambda t: t[1]):
                     print(f"      {timing}  {config}")

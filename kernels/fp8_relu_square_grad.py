@@ -1,4 +1,5 @@
-"""The fp8 MLP's dh = 2 sqrt(a) da, quantized to fp8 in both layouts: one pass for its maximum, one for the cast.
+"""Gradients quantized to fp8 in both layouts: the fp8 MLP's dh = 2 sqrt(a) da (one pass for its maximum, one for
+the cast), and the fused q/k/v projection's dqkv (the cast alone: its maximum comes with it).
 
 Why: the MLP's backward gets da (bf16, out of its matmul) and keeps a = relu(h)^2 in fp8 (kernels/fp8_relu_square.py),
 and needs dh quantized twice: as it comes (the weight gradient's operand) and transposed (the input gradient's).
@@ -22,6 +23,16 @@ maximum reads both operands as one flat array, a few programs per SM in a grid-s
 maximum (no atomics, nothing to zero first); each cast program reduces those few itself. Tile shapes, warps and
 programs per SM are autotuned per shape from short lists. On an H200 the maximum runs at 3.8 TB/s and the cast at
 3.0, 0.13 + 0.28 ms a call at d20: 8.3 ms a step where inductor's passes took 11.6 (bench/RESULTS.md, run 12).
+
+dqkv (`quantize_two_layouts`, the cast with DH off): the fp8 q/k/v projection's backward (fastsft/model.py,
+`_QKVProjection`) quantizes its (M, (H + 2 Hkv) D) bf16 gradient for both of its matmuls. Inductor did it in two
+passes, the maximum (0.10 ms a d12 layer, M = 65536, width 2304) and the cast into both layouts (0.25 ms; its
+transposed one-byte stores strided by M). Here the maximum costs no pass: kernels/qkv_grad.py, which writes dqkv,
+folds max |dqkv| of the values it stores into MAX_SLOTS int32 slots by atomic maxima (a non-negative float orders
+like its bits read as an int32; a NaN is folded as NAN_BITS, above inf's bits, so it wins and reads back as NaN),
+and the cast reduces the slots itself (1 KiB from L2 a program). The result is `fastsft.fp8.quantize` of dqkv bit
+for bit, a NaN included: its maximum reads NaN, so the scale, 1/s and every element do, as torch's (where the dh path
+counts a NaN as inf). A custom op as dh's, with the same torch path for the CPU and fp32. Measured numbers: to come.
 """
 
 import math
@@ -36,6 +47,8 @@ from .fp8_relu_square import _TL_FP8, _round_to_fp8_grid
 
 _KERNEL_INPUTS = (torch.bfloat16, torch.float16)
 _TINY_MAX = 1e-12  # fastsft.fp8.scale_for's floor on the maximum
+MAX_SLOTS = 256  # int32 slots of a maximum folded by atomics (kernels/qkv_grad.py): few writers a slot, 1 KiB to read
+NAN_BITS = 0x7FC00000  # a NaN's slot value: the quiet NaN, above every finite value's and inf's bits
 
 
 @dataclass(frozen=True)
@@ -68,13 +81,37 @@ CAST_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, M_FASTEST=m_fastest),
                 for m_fastest in (True, False)]
 
 
+def _quantize_reference(x: torch.Tensor, biggest: torch.Tensor, dtype: torch.dtype):
+    """(q, q^T contiguous, 1/s) of x with s = fmax / biggest (biggest = max |x|), as fastsft.fp8.quantize does."""
+    fmax = torch.finfo(dtype).max
+    scale = fmax / biggest.float().clamp(min=_TINY_MAX)
+    q = (x.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return q, q.t().clone(memory_format=torch.contiguous_format), scale.reciprocal()
+
+
 def relu_square_grad_fp8_reference(da: torch.Tensor, a: torch.Tensor, a_inv: torch.Tensor, dtype: torch.dtype):
     """(q, q^T contiguous, 1/s): dh = 2 sqrt(a a_inv) da in da's dtype, quantized as fastsft.fp8.quantize does."""
     dh = (2 * torch.sqrt(a.float() * a_inv) * da).to(da.dtype)
-    fmax = torch.finfo(dtype).max
-    scale = fmax / dh.abs().amax().float().clamp(min=_TINY_MAX)
-    q = (dh.float() * scale).clamp(-fmax, fmax).to(dtype)
-    return q, q.t().clone(memory_format=torch.contiguous_format), scale.reciprocal()
+    return _quantize_reference(dh, dh.abs().amax(), dtype)
+
+
+def max_slots_reference(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as the kernels fold it, in torch ops: (MAX_SLOTS,) int32, slot 0 the bits of max |t| in fp32 (NAN_BITS
+    where it is NaN), the others 0."""
+    biggest = t.detach().abs().amax().float()
+    slots = torch.zeros(MAX_SLOTS, dtype=torch.int32, device=t.device)
+    slots[0] = torch.where(biggest.isnan(), NAN_BITS, biggest.view(torch.int32))
+    return slots
+
+
+def slots_maximum(slots: torch.Tensor) -> torch.Tensor:
+    """The fp32 maximum (a scalar tensor) that int32 slots hold."""
+    return slots.max().view(torch.float32)
+
+
+def quantize_two_layouts_reference(t: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype):
+    """(q, q^T contiguous, 1/s): t quantized as fastsft.fp8.quantize does, its maximum read from the slots."""
+    return _quantize_reference(t, slots_maximum(slots), dtype)
 
 
 @triton.jit
@@ -125,6 +162,15 @@ def _round_to(x, dtype: tl.constexpr, MANUAL_ROUNDING: tl.constexpr):
 
 
 @triton.jit
+def _abs_bits(x):
+    """|x| (fp32) as the int32 a slot folds: its bits, which order as the values do (|x| >= 0), and NAN_BITS for any
+    NaN: not the bits abs leaves a NaN with (its sign is not something to count on, and a negative int would lose
+    the maximum; a payload such as 0x7FFFFFFF the cast's manual rounding under the interpreter turns into -0)."""
+    magnitude = tl.abs(x)
+    return tl.where(magnitude == magnitude, magnitude.to(tl.int32, bitcast=True), 0x7FC00000)  # NAN_BITS
+
+
+@triton.jit
 def _dh_max_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, numel, MANUAL_ROUNDING: tl.constexpr,
                    BLOCK: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
     """One partial max |dh| per program, over blocks pid, pid + programs, ... of the flat (M * N) operands (both
@@ -145,9 +191,12 @@ def _dh_max_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, numel, MANUAL_ROUNDING
 
 
 @triton.jit
-def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_ptr, M, N, partials, fmax, tiny,
-                    floor, MANUAL_ROUNDING: tl.constexpr, MANTISSA: tl.constexpr, PARTIALS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FASTEST: tl.constexpr):
+def _cast_kernel(x_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_ptr, M, N, partials, fmax, tiny, floor,
+                 DH: tl.constexpr, MANUAL_ROUNDING: tl.constexpr, MANTISSA: tl.constexpr, PARTIALS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_FASTEST: tl.constexpr):
+    """q = x s (M, N) and q^T (N, M), both row-major, and 1/s; s = fmax / max |x| from the partial maxima. DH: x is
+    dh = 2 sqrt(a a_inv) da, da at x_ptr, the partial maxima fp32 (_dh_max_kernel's). Else x is x_ptr's matrix as
+    it is (a_ptr and a_inv_ptr unread) and the partial maxima are int32 slots (`_abs_bits`)."""
     pid = tl.program_id(0)
     if M_FASTEST:
         tiles_m = tl.cdiv(M, BLOCK_M)
@@ -157,9 +206,12 @@ def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_pt
         pid_m, pid_n = pid // tiles_n, pid % tiles_n
     # every program reduces the few partial maxima itself (a few KiB out of L2): no third launch
     slots = tl.arange(0, PARTIALS)
-    biggest = tl.max(tl.load(partial_ptr + slots, mask=slots < partials, other=0.0), axis=0)
-    # fmax / m as torch computes a number over a tensor: 1 / m rounded, times fmax rounded (not one division)
-    scale = tl.div_rn(1.0, tl.maximum(biggest, floor)) * fmax
+    biggest = tl.max(tl.load(partial_ptr + slots, mask=slots < partials, other=0), axis=0)
+    if not DH:
+        biggest = biggest.to(tl.float32, bitcast=True)  # the int maximum of the bits is the bits of the maximum
+    # fmax / m as torch computes a number over a tensor: 1 / m rounded, times fmax rounded (not one division); a
+    # NaN maximum (only DH off has one) makes the scale NaN, as torch's clamp keeps it
+    scale = tl.div_rn(1.0, tl.maximum(biggest, floor, propagate_nan=tl.PropagateNan.ALL)) * fmax
     if pid == 0:
         tl.store(inv_ptr, tl.div_rn(1.0, scale))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -168,9 +220,13 @@ def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_pt
     n64 = offs_n.to(tl.int64)
     ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     at = m64[:, None] * N + n64[None, :]
-    dh = _dh(tl.load(da_ptr + at, mask=ok, other=0.0), tl.load(a_ptr + at, mask=ok, other=0.0), tl.load(a_inv_ptr),
-             MANUAL_ROUNDING)
-    q = _round_to(dh, da_ptr.dtype.element_ty, MANUAL_ROUNDING) * scale
+    if DH:
+        dh = _dh(tl.load(x_ptr + at, mask=ok, other=0.0), tl.load(a_ptr + at, mask=ok, other=0.0),
+                 tl.load(a_inv_ptr), MANUAL_ROUNDING)
+        x = _round_to(dh, x_ptr.dtype.element_ty, MANUAL_ROUNDING)
+    else:
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    q = x * scale
     # a NaN-propagating clamp, as torch's: a NaN stays NaN
     q = tl.maximum(tl.minimum(q, fmax, propagate_nan=tl.PropagateNan.ALL), -fmax, propagate_nan=tl.PropagateNan.ALL)
     if MANUAL_ROUNDING:
@@ -182,7 +238,7 @@ def _dh_cast_kernel(da_ptr, a_ptr, a_inv_ptr, partial_ptr, q_ptr, qt_ptr, inv_pt
 
 
 _dh_max_tuned = triton.autotune(MAX_CONFIGS, key=["numel"])(_dh_max_kernel)
-_dh_cast_tuned = triton.autotune(CAST_CONFIGS, key=["M", "N"])(_dh_cast_kernel)
+_cast_tuned = triton.autotune(CAST_CONFIGS, key=["M", "N", "DH"])(_cast_kernel)
 
 
 def _sm_count(device):
@@ -206,19 +262,19 @@ def _max_pass(da, a, a_inv, partial, launch, interpreted):
     return _max_programs(sms, da.numel(), meta)
 
 
-def _cast_pass(da, a, a_inv, partial, partials, q, qt, inv, launch, interpreted):
-    """q, q^T and 1/s from the partial maxima."""
-    M, N = da.shape
+def _cast_pass(x, a, a_inv, partial, partials, q, qt, inv, launch, interpreted, dh=True):
+    """q, q^T and 1/s from the partial maxima; dh: x is da and q is dh's (a and a_inv unread without)."""
+    M, N = x.shape
     info = torch.finfo(q.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    args = (da, a, a_inv, partial, q, qt, inv, M, N, partials, info.max, info.smallest_normal, _TINY_MAX)
-    meta = dict(MANUAL_ROUNDING=interpreted, MANTISSA=round(-math.log2(info.eps)),
+    args = (x, a, a_inv, partial, q, qt, inv, M, N, partials, info.max, info.smallest_normal, _TINY_MAX)
+    meta = dict(DH=dh, MANUAL_ROUNDING=interpreted, MANTISSA=round(-math.log2(info.eps)),
                 PARTIALS=triton.next_power_of_2(partials))
     if launch is None:
-        _dh_cast_tuned[grid](*args, **meta)
+        _cast_tuned[grid](*args, **meta)
     else:
-        _dh_cast_kernel[grid](*args, **meta, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-                              M_FASTEST=launch.m_fastest, num_warps=launch.cast_warps)
+        _cast_kernel[grid](*args, **meta, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, M_FASTEST=launch.m_fastest,
+                           num_warps=launch.cast_warps)
 
 
 def partial_slots(device, launch):
@@ -227,21 +283,38 @@ def partial_slots(device, launch):
                                    + [launch.programs_per_sm if launch else 0])
 
 
+def _cast(x, a, a_inv, partial, partials, dtype, launch, interpreted, dh):
+    """_cast_pass into q, q^T and 1/s allocated here."""
+    M, N = x.shape
+    q = torch.empty((M, N), dtype=dtype, device=x.device)
+    qt = torch.empty((N, M), dtype=dtype, device=x.device)
+    inv = torch.empty((), dtype=torch.float32, device=x.device)
+    _cast_pass(x, a, a_inv, partial, partials, q, qt, inv, launch, interpreted, dh)
+    return q, qt, inv
+
+
+def _kernel_launch(x, name, launch):
+    """(launch, interpreted): the interpreter's fixed launch on the CPU, else `launch` (None: autotuned); a dtype the
+    kernels do not take on CUDA is refused."""
+    if x.is_cuda and x.dtype not in _KERNEL_INPUTS:
+        raise TypeError(f"{name}: the kernels take {list(_KERNEL_INPUTS)} on CUDA, got {x.dtype}; leave launch= "
+                        "unset for the torch path")
+    interpreted = interpreter_enabled() and x.device.type == "cpu"
+    return (INTERPRETED_LAUNCH if interpreted else launch), interpreted
+
+
 def _launch(da, a, a_inv, dtype, launch):
     """launch None: each kernel's best config for the shape (autotuned); a GradLaunch: that one."""
-    if da.is_cuda and da.dtype not in _KERNEL_INPUTS:
-        raise TypeError(f"relu_square_grad_fp8: the kernels take {list(_KERNEL_INPUTS)} da on CUDA, got {da.dtype}; "
-                        "leave launch= unset for the torch path")
-    M, N = da.shape
-    interpreted = interpreter_enabled() and da.device.type == "cpu"
-    launch = INTERPRETED_LAUNCH if interpreted else launch
+    launch, interpreted = _kernel_launch(da, "relu_square_grad_fp8", launch)
     partial = torch.empty(partial_slots(da.device, launch), dtype=torch.float32, device=da.device)
     partials = _max_pass(da, a, a_inv, partial, launch, interpreted)  # every slot the cast reads is written
-    q = torch.empty((M, N), dtype=dtype, device=da.device)
-    qt = torch.empty((N, M), dtype=dtype, device=da.device)
-    inv = torch.empty((), dtype=torch.float32, device=da.device)
-    _cast_pass(da, a, a_inv, partial, partials, q, qt, inv, launch, interpreted)
-    return q, qt, inv
+    return _cast(da, a, a_inv, partial, partials, dtype, launch, interpreted, dh=True)
+
+
+def _launch_two_layouts(t, slots, dtype, launch):
+    """The cast alone (DH off), its maximum from the slots; launch None: autotuned."""
+    launch, interpreted = _kernel_launch(t, "quantize_two_layouts", launch)
+    return _cast(t, t, t, slots, MAX_SLOTS, dtype, launch, interpreted, dh=False)  # t for a and a_inv: unread
 
 
 def _check(da, a, a_inv, dtype):
@@ -282,3 +355,42 @@ def relu_square_grad_fp8(da: torch.Tensor, a: torch.Tensor, a_inv: torch.Tensor,
     if launch is not None:
         return _launch(da, a, a_inv.reshape(()), dtype, launch)
     return _relu_square_grad_op(da, a, a_inv.reshape(()), dtype)
+
+
+def _check_two_layouts(t, slots, dtype):
+    if t.dim() != 2 or not t.is_contiguous() or t.numel() == 0:
+        raise ValueError(f"quantize_two_layouts: t must be a non-empty row-major matrix, got {tuple(t.shape)} "
+                         f"{t.stride()}")
+    if dtype not in _TL_FP8 or t.dtype not in (*_KERNEL_INPUTS, torch.float32):
+        raise TypeError(f"quantize_two_layouts: t must be bf16, fp16 or fp32 and the result one of {list(_TL_FP8)}, "
+                        f"got {t.dtype} and {dtype}")
+    if slots.shape != (MAX_SLOTS,) or slots.dtype != torch.int32 or slots.device != t.device:
+        raise ValueError(f"quantize_two_layouts: slots must be ({MAX_SLOTS},) int32 on t's device, got "
+                         f"{tuple(slots.shape)} {slots.dtype} on {slots.device}")
+
+
+@torch.library.custom_op("fastsft::quantize_two_layouts", mutates_args=())
+def _quantize_two_layouts_op(t: torch.Tensor, slots: torch.Tensor,
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if t.is_cuda and t.dtype in _KERNEL_INPUTS:
+        return _launch_two_layouts(t, slots, dtype, None)
+    return quantize_two_layouts_reference(t, slots, dtype)
+
+
+@_quantize_two_layouts_op.register_fake
+def _(t, slots, dtype):
+    M, N = t.shape
+    return t.new_empty((M, N), dtype=dtype), t.new_empty((N, M), dtype=dtype), t.new_empty((), dtype=torch.float32)
+
+
+def quantize_two_layouts(t: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, *,
+                         launch: GradLaunch | None = None):
+    """(q, q^T, 1/s): t (M, N) row-major quantized to `dtype` as fastsft.fp8.quantize does, bit for bit, in both
+    layouts (q^T contiguous), its maximum max |t| read from `slots` ((MAX_SLOTS,) int32 that the kernel writing t
+    folded it into, as `_abs_bits`: kernels/qkv_grad.py with maxima=True; `max_slots_reference` in torch ops). `launch`
+    runs the cast kernel with that tile (its block_m, block_n, cast_warps and m_fastest: benchmarks, and the tests
+    under the interpreter); the default goes through the custom op."""
+    _check_two_layouts(t, slots, dtype)
+    if launch is not None:
+        return _launch_two_layouts(t, slots, dtype, launch)
+    return _quantize_two_layouts_op(t, slots, dtype)

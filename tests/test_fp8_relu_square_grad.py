@@ -1,5 +1,7 @@
 """kernels/fp8_relu_square_grad.py: the fp8 MLP's dh quantized in both layouts, against its torch definition bit for
-bit under the interpreter (odd sizes: partial tiles in both dimensions), and the MLP's gradients through it."""
+bit under the interpreter (odd sizes: partial tiles in both dimensions), and the MLP's gradients through it; and the
+same cast of a matrix as it is from slots of its maximum (`quantize_two_layouts`, dqkv's), against
+fastsft.fp8.quantize bit for bit in both layouts: odd sizes, maxima spread over the slots, NaN, inf, zeros."""
 
 import pytest
 import torch
@@ -151,3 +153,105 @@ def test_the_root_sees_every_a_exactly():
             _, _, inv = rg.relu_square_grad_fp8(da, a, torch.tensor(a_inv), fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
             _, _, ref_inv = rg.relu_square_grad_fp8_reference(da, a, torch.tensor(a_inv), fp8.E5M2)
             assert torch.equal(inv, ref_inv), (a_dtype, a_inv)
+
+
+def _matrix(M, N, dtype, seed=0):
+    """A gradient-like matrix with a zero, a value that flushes to fp8's zero, and -0 in its first row."""
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(M, N, generator=g) * 0.01).to(dtype)
+    t.view(-1)[:3] = torch.tensor([0.0, -1e-30, -0.0])
+    return t
+
+
+def _spread_slots(t, pieces):
+    """max |t| folded as a kernel writing t in `pieces` row blocks would: block i into slot 3 i + 1 (mod the slots),
+    so the maximum is in no particular slot and most slots are 0."""
+    slots = torch.zeros(rg.MAX_SLOTS, dtype=torch.int32)
+    for i, block in enumerate(t.chunk(pieces)):
+        at = (3 * i + 1) % rg.MAX_SLOTS
+        slots[at] = max(slots[at], rg.max_slots_reference(block)[0])
+    return slots
+
+
+def _quantize_bits(t, dtype):
+    q, inv = fp8.quantize(t, dtype)
+    return _bits(q), _bits(q.t().contiguous()), inv
+
+
+@pytest.mark.parametrize("t_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [fp8.E5M2, fp8.E4M3])
+@pytest.mark.parametrize("shape", [(1, 5), (37, 70), (33, 130)])
+@pytest.mark.parametrize("launch", [rg.DEFAULT_LAUNCH, rg.GradLaunch(64, 3, 1, 32, 16, 1, False)])
+def test_two_layouts_cast_is_fp8_quantize_bit_for_bit(shape, dtype, t_dtype, launch, monkeypatch):
+    """The kernel (DH off) from slots that hold the maximum anywhere: q, q^T and 1/s as quantize gives them; partial
+    tiles in both dimensions, both tile orders."""
+    monkeypatch.setattr(rg, "INTERPRETED_LAUNCH", launch)
+    t = _matrix(*shape, t_dtype, seed=shape[0])
+    slots = _spread_slots(t, 5)
+    q, qt, inv = rg.quantize_two_layouts(t, slots, dtype, launch=launch)
+    want_q, want_qt, want_inv = _quantize_bits(t, dtype)
+    assert q.dtype == qt.dtype == dtype and q.shape == shape and qt.shape == shape[::-1]
+    assert torch.equal(_bits(q), want_q) and torch.equal(_bits(qt), want_qt) and torch.equal(inv, want_inv)
+    assert float(q.float().abs().max()) == torch.finfo(dtype).max  # the maximum was found, wherever its slot
+
+
+def test_two_layouts_reference_is_fp8_quantize_bit_for_bit():
+    """The op's torch path (the CPU's, fp32's), from the slots a reference fold gives and from spread ones."""
+    for t_dtype in (torch.bfloat16, torch.float32):
+        t = _matrix(24, 40, t_dtype, seed=1)
+        want_q, want_qt, want_inv = _quantize_bits(t, fp8.E5M2)
+        for slots in (rg.max_slots_reference(t), _spread_slots(t, 7)):
+            q, qt, inv = rg.quantize_two_layouts(t, slots, fp8.E5M2)
+            assert torch.equal(_bits(q), want_q) and torch.equal(_bits(qt), want_qt) and torch.equal(inv, want_inv)
+
+
+@pytest.mark.parametrize("launch", [None, rg.DEFAULT_LAUNCH])  # the torch path, the kernel
+def test_two_layouts_nan_and_inf_are_quantizes(launch):
+    """A NaN: the slots' maximum reads NaN, so 1/s and every element are NaN, as quantize's. An inf: the scale is 0,
+    so 1/s is inf, the inf's element NaN and the others (signed) zeros, quantize's bits."""
+    t = _matrix(20, 36, torch.bfloat16, seed=2)
+    t[19, 35] = float("nan")
+    q, qt, inv = rg.quantize_two_layouts(t, _spread_slots(t, 3), fp8.E5M2, launch=launch)
+    want_q, _ = fp8.quantize(t, fp8.E5M2)
+    assert torch.isnan(inv) and torch.isnan(q.float()).all() and torch.isnan(qt.float()).all()
+    assert torch.isnan(want_q.float()).all()
+    t[19, 35] = float("-inf")
+    q, qt, inv = rg.quantize_two_layouts(t, _spread_slots(t, 3), fp8.E5M2, launch=launch)
+    want_q, want_inv = fp8.quantize(t, fp8.E5M2)
+    assert torch.equal(inv, want_inv) and inv == float("inf")
+    nan = torch.isnan(want_q.float())
+    assert nan.sum() == 1 and torch.equal(torch.isnan(q.float()), nan) and torch.equal(torch.isnan(qt.float()), nan.t())
+    assert torch.equal(_bits(q)[~nan], _bits(want_q)[~nan])  # zeros with their signs
+
+
+def test_two_layouts_all_zero_gives_zeros_and_the_floor_scale():
+    t = torch.zeros(17, 33, dtype=torch.bfloat16)
+    q, qt, inv = rg.quantize_two_layouts(t, rg.max_slots_reference(t), fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+    assert not q.float().any() and not qt.float().any()
+    assert torch.equal(inv, fp8.quantize(t, fp8.E5M2)[1])
+
+
+def test_two_layouts_op_passes_opcheck_and_compiles():
+    t = _matrix(32, 48, torch.bfloat16, seed=4)
+    slots = _spread_slots(t, 4)
+    torch.library.opcheck(rg._quantize_two_layouts_op, (t, slots, fp8.E5M2))
+    f = lambda t, s: rg.quantize_two_layouts(t, s, fp8.E5M2)  # noqa: E731
+    for e, c in zip(f(t, slots), torch.compile(f, fullgraph=True)(t, slots)):
+        assert torch.equal(e.reshape(-1).view(torch.uint8), c.reshape(-1).view(torch.uint8))
+
+
+def test_two_layouts_bad_arguments_are_refused_by_name():
+    t = _matrix(16, 32, torch.bfloat16)
+    slots = rg.max_slots_reference(t)
+    with pytest.raises(ValueError, match="row-major"):
+        rg.quantize_two_layouts(t.t(), slots, fp8.E5M2)
+    with pytest.raises(ValueError, match="non-empty"):
+        rg.quantize_two_layouts(t[:0], slots, fp8.E5M2)
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        rg.quantize_two_layouts(t.double(), slots, fp8.E5M2)
+    with pytest.raises(TypeError, match="the result one of"):
+        rg.quantize_two_layouts(t, slots, torch.bfloat16)
+    with pytest.raises(ValueError, match="int32"):
+        rg.quantize_two_layouts(t, slots.float(), fp8.E5M2)
+    with pytest.raises(ValueError, match="int32"):
+        rg.quantize_two_layouts(t, slots[:16], fp8.E5M2)
