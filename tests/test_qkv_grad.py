@@ -1,12 +1,15 @@
 """kernels/qkv_grad.py: the fused qkv's gradient against its torch definition (under the interpreter: odd row counts,
 grouped-query heads, head_dim 64 and 128, rows at position 0 and far from it), that definition against autograd's
-gradient of the forward it inverts, and the model's fp8 q/k/v unit (`_QKVForAttention`): the forward's bits are
+gradient of the forward it inverts, the maximum the kernel folds into slots (each slot's value, NaN, inf, zeros),
+and the model's fp8 q/k/v unit (`_QKVForAttention`): the forward's bits are
 scaled_norm's, and compiled gradients equal eager ones (pytorch issue 180642 dropped them under torch 2.11)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastsft import fp8
+from fastsft.kernels import fp8_relu_square_grad as rg
 from fastsft.kernels import qkv_grad as qg
 from fastsft.model import _QKVForAttention, _scaled_norm_and_rstd, apply_rotary, rotary_tables, scaled_norm
 
@@ -52,6 +55,72 @@ def test_kernel_equals_the_reference(M, n_head, n_kv_head, head_dim, dtype):
     rtol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6 * want.float().abs().max())
     assert (got[:2] != 0).float().mean() > 0.9  # position 0's rows (cos 1, sin 0) are written too
+
+
+def _slots_by_program(out, n_heads, head_dim, block_m):
+    """What the kernel's atomics leave in the slots, from its output: program (head j, row block i), the
+    (i * n_heads + j)-th, folds max |its tile| into slot (that mod MAX_SLOTS)."""
+    slots = torch.zeros(rg.MAX_SLOTS, dtype=torch.int32)
+    for i in range(-(-out.shape[0] // block_m)):
+        for j in range(n_heads):
+            tile = out[i * block_m:(i + 1) * block_m, j * head_dim:(j + 1) * head_dim]
+            at = (i * n_heads + j) % rg.MAX_SLOTS
+            slots[at] = max(slots[at], rg.max_slots_reference(tile)[0])
+    return slots
+
+
+def _with_maxima(ops):
+    """The kernel's (dqkv, slots) under the interpreter, after checking dqkv's bits are those it writes without."""
+    out, slots = qg.qkv_grad(*ops, SCALE, maxima=True, launch=qg.QKVGradLaunch())
+    without = qg.qkv_grad(*ops, SCALE, launch=qg.QKVGradLaunch())
+    assert torch.equal(out.view(torch.uint8), without.view(torch.uint8))  # the bits: NaNs too
+    M, n_head, head_dim = ops[0].shape
+    want = _slots_by_program(out, n_head + 2 * ops[1].shape[1], head_dim, qg.INTERPRETED_LAUNCH.block_m)
+    assert slots.dtype == torch.int32 and torch.equal(slots, want)
+    return out, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, n_head, n_kv_head, head_dim", [(37, 4, 2, 64), (299, 3, 2, 16)])
+def test_kernel_folds_the_stored_maximum_into_each_programs_slot(M, n_head, n_kv_head, head_dim, dtype):
+    """Each slot holds the largest |dqkv| of its programs' tiles as stored (rounded to dqkv's dtype), a partial last
+    row block included; 299 rows make 266 programs, so the first slots take two. Their maximum is max |dqkv|."""
+    out, slots = _with_maxima(_operands(M, n_head, n_kv_head, head_dim, dtype, seed=8))
+    assert torch.equal(rg.slots_maximum(slots), out.abs().amax().float())
+    assert (slots != 0).sum() == min(rg.MAX_SLOTS, -(-M // 8) * (n_head + 2 * n_kv_head))  # each program wrote
+
+
+@pytest.mark.parametrize("where", ["dq", "dv"])
+def test_a_nan_in_dqkv_makes_the_maximum_nan(where):
+    """A NaN in dq spreads over its row's head (the norm's mean) in the partial last row block; one in dv is copied.
+    Its slot holds NAN_BITS, above inf's, so the maximum reads NaN and the cast's scale and result are NaN, as
+    fastsft.fp8.quantize's."""
+    ops = _operands(37, 4, 2, 64, torch.bfloat16, seed=9)
+    if where == "dq":
+        ops[0][36, 1, 5] = float("nan")
+    else:
+        ops[2][4, 1, 70 - 64] = float("nan")
+    ops[2][9, 0, 3] = float("inf")  # an inf elsewhere: the NaN still wins
+    out, slots = _with_maxima(ops)
+    assert (slots == rg.NAN_BITS).any() and torch.isnan(rg.slots_maximum(slots))
+    q, qt, inv = rg.quantize_two_layouts(out, slots, fp8.E5M2, launch=rg.DEFAULT_LAUNCH)
+    want_q, want_inv = fp8.quantize(out, fp8.E5M2)
+    assert torch.isnan(want_inv) and torch.isnan(inv)
+    assert torch.isnan(want_q.float()).all() and torch.isnan(q.float()).all() and torch.isnan(qt.float()).all()
+
+
+def test_an_inf_in_dqkv_makes_the_maximum_inf():
+    ops = _operands(19, 2, 1, 128, torch.bfloat16, seed=10)
+    ops[2][18, 0, 100] = float("-inf")
+    out, slots = _with_maxima(ops)
+    assert rg.slots_maximum(slots) == float("inf")
+
+
+def test_all_zero_gradients_fold_to_zero():
+    ops = list(_operands(21, 3, 1, 64, torch.bfloat16, seed=11))
+    ops[:3] = [torch.zeros_like(t) for t in ops[:3]]
+    out, slots = _with_maxima(ops)
+    assert not out.float().any() and not slots.any()
 
 
 @pytest.mark.parametrize("scale", [1.0, SCALE])
@@ -141,9 +210,18 @@ def test_unit_compiled_gradients_equal_eager(n_kv_head):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("maxima", [False, True])
+def test_custom_op_passes_opcheck(maxima):
     """torch's own checks of the op: schema, fake shapes against the real output, no aliasing."""
-    torch.library.opcheck(qg._qkv_grad_op, (*_operands(13, 4, 2, 16, torch.float32, seed=7), SCALE))
+    torch.library.opcheck(qg._qkv_grad_op, (*_operands(13, 4, 2, 16, torch.float32, seed=7), SCALE, maxima))
+
+
+def test_the_ops_torch_path_folds_the_maximum_into_slot_0():
+    ops = _operands(13, 4, 2, 16, torch.bfloat16, seed=7)
+    out, slots = qg.qkv_grad(*ops, SCALE, maxima=True)
+    assert torch.equal(out, qg.qkv_grad_reference(*ops, SCALE))
+    assert torch.equal(slots, rg.max_slots_reference(out)) and not slots[1:].any()
+    assert torch.equal(rg.slots_maximum(slots), out.abs().amax().float())
 
 
 def test_bad_arguments_are_refused_by_name():
