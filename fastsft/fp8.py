@@ -13,7 +13,8 @@ generation; `fp8 = true` refuses a run where none could take fp8 (`check_support
 
 Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2), and the MLP keeps fp8
 x and fp8 relu^2 only (where bf16 keeps c_fc's output in 2 bytes; `_ReluSquareMLP` says why that is enough). q, k
-and v are one fp8 matmul (the model's `_qkv`).
+and v are one fp8 matmul (the model's `_QKVProjection`, from `linear_forward` and `linear_grads`), whose gradient is
+quantized by kernels of its own, not by inductor.
 """
 
 from __future__ import annotations
@@ -63,29 +64,37 @@ def _project(x_q, x_inv, weight, out_dtype):
     return _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype), w_q, w_inv
 
 
-def _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, x_dtype, w_dtype):
-    """(dx, dW) of y = x @ w.T from the fp8 gradient g (M, N) and x's transpose (K, M), both row-major: dW = g.T @ x
-    reads both with M contiguous, the only layout Hopper's fp8 matmul takes."""
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype):
+    """(y, kept): y = x @ weight.T (M, N) in fp8 from x's rows (M, K), and what its backward keeps (`linear_grads`):
+    x transposed in fp8 (the weight gradient reads it so, and the quantizing kernel writes it so once), the fp8
+    weight, and their inverse scales."""
+    x_q, x_inv = quantize(_rows(x), E4M3)
+    y, w_q, w_inv = _project(x_q, x_inv, weight, out_dtype)
+    return y, (x_q.t().contiguous(), x_inv, w_q, w_inv)
+
+
+def linear_grads(g_q, g_qt, g_inv, kept, x_dtype, w_dtype):
+    """(dx, dW) of y = x @ w.T from the fp8 gradient g (M, N) and its transpose g_qt (N, M), both row-major, and
+    what `linear_forward` kept (x's transpose (K, M) among it): dW = g.T @ x reads both with M contiguous, the only
+    layout Hopper's fp8 matmul takes."""
+    x_qt, x_inv, w_q, w_inv = kept
     dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
-    dw = _mm(g_q.t().contiguous(), g_inv, x_qt.t(), x_inv, w_dtype)
+    dw = _mm(g_qt, g_inv, x_qt.t(), x_inv, w_dtype)
     return dx, dw
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x_q, x_inv = quantize(_rows(x), E4M3)
-        y, w_q, w_inv = _project(x_q, x_inv, weight, out_dtype)
-        # x is kept transposed: the weight gradient reads it so, and the quantizing kernel writes it so once
-        ctx.save_for_backward(x_q.t().contiguous(), x_inv, w_q, w_inv)
+        y, kept = linear_forward(x, weight, out_dtype)
+        ctx.save_for_backward(*kept)
         ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, weight.dtype)
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x_qt, x_inv, w_q, w_inv = ctx.saved_tensors
         g_q, g_inv = quantize(_rows(grad), E5M2)
-        dx, dw = _grads(g_q, g_inv, w_q, w_inv, x_qt, x_inv, *ctx.dtypes)
+        dx, dw = linear_grads(g_q, g_q.t().contiguous(), g_inv, ctx.saved_tensors, *ctx.dtypes)
         return dx.view(ctx.x_shape), dw, None
 
 
@@ -130,7 +139,8 @@ class _ReluSquareMLP(torch.autograd.Function):
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the fp8 matmuls write: autocast's where it is on, else x's."""
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
@@ -162,10 +172,10 @@ def check_supported(device: torch.device, rows: int, model) -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor, fp8: bool) -> torch.Tensor:
     """x @ weight.T, in fp8 when asked and `applies`, else F.linear (autocast as usual)."""
     if fp8 and applies(x, weight):
-        return _Linear.apply(x, weight, _out_dtype(x))
+        return _Linear.apply(x, weight, output_dtype(x))
     return F.linear(x, weight)
 
 
 def relu_square_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
     """nanochat's MLP in fp8 (the caller checks `applies`)."""
-    return _ReluSquareMLP.apply(x, w_fc, w_proj, _out_dtype(x))
+    return _ReluSquareMLP.apply(x, w_fc, w_proj, output_dtype(x))

@@ -206,37 +206,54 @@ def _scaled_norm_and_rstd(x: torch.Tensor, scale: float) -> tuple[torch.Tensor, 
     return (y * scale).to(x.dtype), rstd
 
 
-class _QKVForAttention(torch.autograd.Function):
-    """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the fused projection's qkv (N, (H + 2 Hkv) D): q and k
-    are scaled_norm(apply_rotary(.)) of their columns, to the bit, and v its columns copied out (a view would keep
-    all of qkv alive for attention's backward). It saves what scaled_norm and rotary saved (normed q and k, their
-    1/rms, cos and sin). The backward is one kernel writing dqkv whole (kernels/qkv_grad.py), where autograd's was
-    the norm's backward, its mean(dy * y) and the concatenation of dq, dk and dv, each a pass."""
+def _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale):
+    """q (N, H, D), k and v (N, Hkv, D) from qkv (N, (H + 2 Hkv) D): q and k are scaled_norm(apply_rotary(.)) of
+    their columns, to the bit, and v its columns copied out (a view would keep all of qkv alive for attention's
+    backward). Also returns what scaled_norm and rotary saved for the backward (kernels/qkv_grad.py): normed q and k,
+    their 1/rms, cos and sin."""
+    N, head_dim = qkv.shape[0], qkv.shape[1] // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    # cos and sin in qkv's dtype, saved as autograd saved them for rotary's backward, and whole (not a view): so
+    # inductor stores them rounded before rotary reads them, as before (a cast fused into rotary is elided, and q
+    # and k would get other bits)
+    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    q, q_rstd = _scaled_norm_and_rstd(apply_rotary(q.view(N, n_head, head_dim), cos, sin), scale)
+    k, k_rstd = _scaled_norm_and_rstd(apply_rotary(k.view(N, n_kv_head, head_dim), cos, sin), scale)
+    return q, k, v.contiguous().view(N, n_kv_head, head_dim), (q, k, q_rstd, k_rstd, cos, sin)
+
+
+class _QKVProjection(torch.autograd.Function):
+    """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the block input x (N, C) and c_q's, c_k's and c_v's
+    weights concatenated: qkv = x @ w.T as one fp8 matmul (x quantized once, one scale for the three), then
+    `_rotated_normed`. It saves what the fp8 matmul saves (x transposed in fp8, the fp8 weight) and what
+    scaled_norm and rotary saved, not qkv. The backward: one kernel writes dqkv whole and folds its max |.| as it
+    goes (kernels/qkv_grad.py), where autograd's was the norm's backward, its mean(dy * y) and the concatenation of
+    dq, dk and dv, each a pass; one kernel casts dqkv to e5m2 in both layouts from that maximum
+    (kernels/fp8_relu_square_grad.py), where inductor took a pass for the maximum and one for the cast; then the two
+    fp8 matmuls of dx and dW."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_head, n_kv_head, scale):
-        # qkv (N, W), cos and sin (N, 1, D/2): the fp8 path runs only with gradients, so on the packed rows
-        N, head_dim = qkv.shape[0], qkv.shape[1] // (n_head + 2 * n_kv_head)
-        q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
-        # cos and sin in qkv's dtype, saved as autograd saved them for rotary's backward, and whole (not a view): so
-        # inductor stores them rounded before rotary reads them, as before (a cast fused into rotary is elided,
-        # and q and k would get other bits)
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
-        q, q_rstd = _scaled_norm_and_rstd(apply_rotary(q.view(N, n_head, head_dim), cos, sin), scale)
-        k, k_rstd = _scaled_norm_and_rstd(apply_rotary(k.view(N, n_kv_head, head_dim), cos, sin), scale)
-        ctx.save_for_backward(q, k, q_rstd, k_rstd, cos, sin)
-        ctx.scale = scale
+    def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, scale, out_dtype):
+        # x (N, C), cos and sin (N, 1, D/2): the fp8 path runs only with gradients, so on the packed rows
+        qkv, kept = fp8_matmul.linear_forward(x, weight, out_dtype)  # (N, (H + 2 Hkv) D)
+        q, k, v, saved = _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale)
+        ctx.save_for_backward(*kept, *saved)
+        ctx.scale, ctx.dtypes = scale, (x.dtype, weight.dtype)
         # views of q and k, not themselves: torch 2.11's dynamo drops the gradient of an output also saved (see
         # _ScaledNormKeepingOutput)
-        return q.view_as(q), k.view_as(k), v.contiguous().view(N, n_kv_head, head_dim)
+        return q.view_as(q), k.view_as(k), v
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
+        from fastsft.kernels.fp8_relu_square_grad import quantize_two_layouts
         from fastsft.kernels.qkv_grad import qkv_grad
 
-        q, k, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
-        dqkv = qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), q, k, q_rstd, k_rstd, cos, sin, ctx.scale)
-        return dqkv, None, None, None, None, None
+        *kept, q, k, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
+        dqkv, slots = qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), q, k, q_rstd, k_rstd, cos, sin,
+                               ctx.scale, maxima=True)
+        g_q, g_qt, g_inv = quantize_two_layouts(dqkv, slots, fp8_matmul.E5M2)
+        dx, dw = fp8_matmul.linear_grads(g_q, g_qt, g_inv, kept, *ctx.dtypes)
+        return dx, dw, None, None, None, None, None, None
 
 
 class _ValueEmbedMix(torch.autograd.Function):
@@ -326,8 +343,8 @@ class CausalSelfAttention(nn.Module):
             # one fp8 matmul: x quantized once, one scale for the three, and one kernel for its gradient. bf16 keeps
             # three: there the backward's concatenation of dq, dk and dv cost more than the wide matmul saved
             # (bench/RESULTS.md, run 6).
-            qkv = fp8_matmul.linear(x, torch.cat(weights), True)
-            return _QKVForAttention.apply(qkv, cos, sin, self.n_head, self.n_kv_head, scale)
+            return _QKVProjection.apply(x, torch.cat(weights), cos, sin, self.n_head, self.n_kv_head, scale,
+                                        fp8_matmul.output_dtype(x))
         lead = x.shape[:-1]
         q = self.c_q(x).view(*lead, self.n_head, self.head_dim)
         k = self.c_k(x).view(*lead, self.n_kv_head, self.head_dim)

@@ -1,6 +1,6 @@
 """The gradient of the fused fp8 projection's output qkv, written whole by one kernel from attention's dq, dk, dv.
 
-Why: with fp8 the model takes q, k and v from one matmul (fastsft/model.py, `_QKVForAttention`), and rotates
+Why: with fp8 the model takes q, k and v from one matmul (fastsft/model.py, `_QKVProjection`), and rotates
 and norms q and k keeping only the normed output and 1/rms. Autograd's backward for that ran the norm's backward,
 its mean(dy * y) as a reduction of its own, and the concatenation of dq, dk and dv into the (N, 3840) gradient of
 qkv as separate passes: 7.1 ms of a d20 step, all bound by memory (bench/RESULTS.md, run 12). Here each program

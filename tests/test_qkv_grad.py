@@ -1,8 +1,9 @@
 """kernels/qkv_grad.py: the fused qkv's gradient against its torch definition (under the interpreter: odd row counts,
-grouped-query heads, head_dim 64 and 128, rows at position 0 and far from it), that definition against autograd's
-gradient of the forward it inverts, the maximum the kernel folds into slots (each slot's value, NaN, inf, zeros),
-and the model's fp8 q/k/v unit (`_QKVForAttention`): the forward's bits are
-scaled_norm's, and compiled gradients equal eager ones (pytorch issue 180642 dropped them under torch 2.11)."""
+grouped-query heads, head_dim 64 and 128, rows at position 0 and far from it), the maximum it folds into slots (each
+slot's value, NaN, inf, zeros), that definition against autograd's gradient of the forward it inverts, and the
+model's fp8 q/k/v projection (`_QKVProjection`): the forward's bits are fp8.linear's and scaled_norm's, its
+gradients main's composition's (fp8.linear, then the q/k/v unit with qkv_grad) to the bit, and compiled gradients
+equal eager ones (pytorch issue 180642 dropped them under torch 2.11)."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from fastsft import fp8
 from fastsft.kernels import fp8_relu_square_grad as rg
 from fastsft.kernels import qkv_grad as qg
-from fastsft.model import _QKVForAttention, _scaled_norm_and_rstd, apply_rotary, rotary_tables, scaled_norm
+from fastsft.model import (_QKVProjection, _rotated_normed, _scaled_norm_and_rstd, apply_rotary, rotary_tables,
+                           scaled_norm)
 
 SCALE = 1.2
 
@@ -21,10 +23,15 @@ def _qkv(M, n_head, n_kv_head, head_dim, dtype, seed=0, device="cpu"):
     first, then positions up to 2047."""
     g = torch.Generator().manual_seed(seed)
     qkv = (torch.randn(M, (n_head + 2 * n_kv_head) * head_dim, generator=g) * 2).to(device, dtype)
+    return qkv, *_rotary(M, head_dim, g, device)
+
+
+def _rotary(M, head_dim, g, device):
+    """cos, sin (M, 1, D/2) in fp32 of random positions, the first two 0."""
     positions = torch.randint(0, 2048, (M,), generator=g).to(device)
     positions[:2] = 0
     cos, sin = rotary_tables(2048, head_dim, 100000.0, device)
-    return qkv, cos[positions][:, None], sin[positions][:, None]
+    return cos[positions][:, None], sin[positions][:, None]
 
 
 def _operands(M, n_head, n_kv_head, head_dim, dtype, seed=0, device="cpu"):
@@ -142,6 +149,8 @@ def test_reference_is_autograds_gradient_of_the_forward(scale):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+
+
 def before_unit(qkv, cos, sin, n_head, n_kv_head):
     """q, k, v as the model computed them from qkv (N, W) before the unit: split, heads, scaled_norm(apply_rotary)."""
     M, head_dim = qkv.shape[0], qkv.shape[1] // (n_head + 2 * n_kv_head)
@@ -151,63 +160,142 @@ def before_unit(qkv, cos, sin, n_head, n_kv_head):
             v.contiguous().view(M, n_kv_head, head_dim))
 
 
+class MainUnit(torch.autograd.Function):
+    """main's q/k/v unit before `_QKVProjection` (its `_QKVForAttention`), kept here as the reference: q, k, v from
+    fp8.linear's qkv by `_rotated_normed`, and a backward of qkv_grad alone, fp8.linear's quantizing dqkv."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv_head, scale):
+        q, k, v, saved = _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale)
+        ctx.save_for_backward(*saved)
+        ctx.scale = scale
+        return q.view_as(q), k.view_as(k), v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        dqkv = qg.qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), *ctx.saved_tensors, ctx.scale)
+        return dqkv, None, None, None, None, None
+
+
+def mains_projection(x, weight, cos, sin, n_head, n_kv_head):
+    return MainUnit.apply(fp8.linear(x, weight, True), cos, sin, n_head, n_kv_head, SCALE)
+
+
+def projection(x, weight, cos, sin, n_head, n_kv_head):
+    return _QKVProjection.apply(x, weight, cos, sin, n_head, n_kv_head, SCALE, fp8.output_dtype(x))
+
+
+def projection_inputs(M, C, n_head, n_kv_head, head_dim, dtype, seed=0, device="cpu"):
+    """x (M, C) and c_q's, c_k's and c_v's weights, leaves in dtype, and the rows' cos, sin (M, 1, D/2) in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, C, generator=g).to(device, dtype).requires_grad_()
+    weights = [(torch.randn(n * head_dim, C, generator=g) / C**0.5).to(device, dtype).requires_grad_()
+               for n in (n_head, n_kv_head, n_kv_head)]
+    return x, weights, *_rotary(M, head_dim, g, device)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unit_forward_has_scaled_norms_bits(dtype, autocast):
-    """q and k as scaled_norm(apply_rotary(.)) gave them before, v its columns; under autocast too."""
-    M, n_head, n_kv_head = 32, 4, 2
-    qkv, cos, sin = _qkv(M, n_head, n_kv_head, 32, dtype, seed=4)
-    qkv.requires_grad_()
+def test_projection_forward_has_fp8_linears_and_scaled_norms_bits(dtype, autocast):
+    """q and k as scaled_norm(apply_rotary(.)) of fp8.linear's qkv gave them before, v its columns; under autocast
+    too."""
+    M, C, n_head, n_kv_head, head_dim = 48, 80, 3, 1, 16
+    x, weights, cos, sin = projection_inputs(M, C, n_head, n_kv_head, head_dim, dtype, seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        got = _QKVForAttention.apply(qkv, cos, sin, n_head, n_kv_head, SCALE)
+        got = projection(x, torch.cat(weights), cos, sin, n_head, n_kv_head)
+        qkv = fp8.linear(x, torch.cat(weights), True)
         want = before_unit(qkv, cos, sin, n_head, n_kv_head)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert got[2].untyped_storage().data_ptr() != qkv.untyped_storage().data_ptr()  # v a tensor of its own
-    grads = [torch.randn_like(t) for t in got]
-    (grad,) = torch.autograd.grad(got, qkv, grads)
-    (want_grad,) = torch.autograd.grad(want, qkv, grads)
-    rel = (grad.float() - want_grad.float()).norm() / want_grad.float().norm()
-    assert rel < (1e-2 if dtype == torch.bfloat16 else 1e-6), rel  # autograd's rounds to bf16 between its passes
+    assert got[0].dtype == (torch.bfloat16 if autocast else dtype)
+    assert {type(t.grad_fn).__name__ for t in got} == {"_QKVProjectionBackward"}
 
 
-def test_unit_compiled_forward_has_compiled_scaled_norms_bits():
+def test_projection_compiled_forward_has_compiled_bits():
     """inductor elides a cast to bf16 fused into its consumer: the unit keeps cos and sin rounded in memory, as
     autograd's rotary did, so q and k keep their bits compiled too (with cos and sin cast where used, 28% differed)."""
-    M, n_head, n_kv_head = 32, 4, 2
-    qkv, cos, sin = _qkv(M, n_head, n_kv_head, 32, torch.bfloat16, seed=4)
+    M, C, n_head, n_kv_head, head_dim = 32, 48, 4, 2, 32
+    x, weights, cos, sin = projection_inputs(M, C, n_head, n_kv_head, head_dim, torch.bfloat16, seed=4)
+
+    def before(x, weight, cos, sin, n_head, n_kv_head):
+        return before_unit(fp8.linear(x, weight, True), cos, sin, n_head, n_kv_head)
+
     torch._dynamo.reset()
-    got = torch.compile(_QKVForAttention.apply, fullgraph=True)(qkv.clone().requires_grad_(), cos, sin, n_head,
-                                                                n_kv_head, SCALE)
-    want = torch.compile(before_unit, fullgraph=True)(qkv.clone().requires_grad_(), cos, sin, n_head, n_kv_head)
+    got = torch.compile(projection, fullgraph=True)(x, torch.cat(weights), cos, sin, n_head, n_kv_head)
+    want = torch.compile(before, fullgraph=True)(x, torch.cat(weights), cos, sin, n_head, n_kv_head)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_unit_gradcheck():
+def _gradients(fn, x, weights, cos, sin, n_head, n_kv_head, seed=0):
+    """(q, k, v), and the gradients of x and of c_q's, c_k's and c_v's weights for random output gradients."""
+    outs = fn(x, torch.cat(weights), cos, sin, n_head, n_kv_head)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    return outs, torch.autograd.grad(outs, [x, *weights], grads)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, C, n_head, n_kv_head, head_dim", [(48, 80, 3, 1, 16), (32, 48, 4, 2, 32)])
+def test_projection_gradients_are_mains_bit_for_bit(M, C, n_head, n_kv_head, head_dim, dtype, autocast,
+                                                    monkeypatch):
+    """dx and each weight's gradient as main's composition gave them (fp8.linear, whose backward quantizes dqkv by
+    torch ops, then the unit): on the CPU both take qkv_grad's and the cast's torch definitions, so the two differ
+    only where the new code could (the slots, the cast from them, the wiring). The new backward must not quantize by
+    fp8.quantize and must take the cast from the slots; main's must."""
+    x, weights, cos, sin = projection_inputs(M, C, n_head, n_kv_head, head_dim, dtype, seed=12)
+    calls = {"quantize e5m2": 0, "quantize_two_layouts": 0}
+    quantize, two_layouts = fp8.quantize, rg.quantize_two_layouts
+
+    def counting_quantize(t, fmt):
+        calls["quantize e5m2"] += fmt == fp8.E5M2
+        return quantize(t, fmt)
+
+    def counting_two_layouts(*args, **kwargs):
+        calls["quantize_two_layouts"] += 1
+        return two_layouts(*args, **kwargs)
+
+    monkeypatch.setattr(fp8, "quantize", counting_quantize)
+    monkeypatch.setattr(rg, "quantize_two_layouts", counting_two_layouts)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        outs, got = _gradients(projection, x, weights, cos, sin, n_head, n_kv_head)
+        assert calls == {"quantize e5m2": 0, "quantize_two_layouts": 1}
+        main_outs, want = _gradients(mains_projection, x, weights, cos, sin, n_head, n_kv_head)
+        assert calls == {"quantize e5m2": 1, "quantize_two_layouts": 1}
+    assert all(torch.equal(o, w) for o, w in zip(outs, main_outs))
+    for name, g, w in zip(("x", "c_q", "c_k", "c_v"), got, want):
+        assert g.dtype == w.dtype == dtype and torch.equal(g, w), name
+        assert g.abs().amax() > 0, name
+
+
+def test_mains_unit_gradcheck():
+    """The reference unit's gradient (`_rotated_normed` and qkv_grad, which _QKVProjection shares) in float64."""
     M, n_head, n_kv_head, head_dim = 5, 2, 1, 8
     qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float64, seed=5)
-    f = lambda t: _QKVForAttention.apply(t, cos, sin, n_head, n_kv_head, SCALE)  # noqa: E731
+    f = lambda t: MainUnit.apply(t, cos, sin, n_head, n_kv_head, SCALE)  # noqa: E731
     assert torch.autograd.gradcheck(f, (qkv.requires_grad_(),))
 
 
 @pytest.mark.parametrize("n_kv_head", [2, 4])
-def test_unit_compiled_gradients_equal_eager(n_kv_head):
-    """One graph (fullgraph), and every output's gradient reaching qkv: under torch 2.11 a Function returning a
-    tensor it also saves got its gradient in the wrong slot (zeros for q and k)."""
-    M, n_head, head_dim = 16, 4, 16
-    qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float32, seed=6)
-    weights = [torch.randn(n_head, head_dim), torch.randn(n_kv_head, head_dim), torch.randn(n_kv_head, head_dim)]
+def test_projection_compiled_gradients_equal_eager(n_kv_head):
+    """One graph (fullgraph), and every output's gradient reaching x and the weight: under torch 2.11 a Function
+    returning a tensor it also saves got its gradient in the wrong slot (zeros for q and k)."""
+    M, C, n_head, head_dim = 32, 64, 4, 16
+    x, weights, cos, sin = projection_inputs(M, C, n_head, n_kv_head, head_dim, torch.float32, seed=6)
+    mix = [torch.randn(n, head_dim) for n in (n_head, n_kv_head, n_kv_head)]
 
-    def loss(t):
-        q, k, v = _QKVForAttention.apply(t, cos, sin, n_head, n_kv_head, SCALE)
-        return sum(((o * w).sum(-1) ** 2).sum() for o, w in zip((q, k, v), weights))
+    def loss(x, weight):
+        outs = projection(x, weight, cos, sin, n_head, n_kv_head)
+        return sum(((o * w).sum(-1) ** 2).sum() for o, w in zip(outs, mix))
 
-    def grad_of(fn):
-        x = qkv.clone().requires_grad_()
-        return torch.autograd.grad(fn(x), x)[0]
+    def grads_of(fn):
+        x_, weight = x.detach().clone().requires_grad_(), torch.cat(weights).detach().requires_grad_()
+        return torch.autograd.grad(fn(x_, weight), (x_, weight))
 
     torch._dynamo.reset()
-    eager, compiled = grad_of(loss), grad_of(torch.compile(loss, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    eager, compiled = grads_of(loss), grads_of(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    assert eager[1][:n_head * head_dim].abs().amax() > 0  # q's rows of the weight got a gradient
 
 
 @pytest.mark.parametrize("maxima", [False, True])
