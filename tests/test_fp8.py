@@ -159,35 +159,6 @@ def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head):
         assert torch.equal(fp8_eval, _packed_loss(model))
 
 
-def test_model_fp8_qkv_is_one_projection_with_its_own_gradient_cast(monkeypatch):
-    """Each layer's q, k and v come from `_QKVProjection`, whose backward casts dqkv from qkv_grad's slots
-    (quantize_two_layouts, once a layer) and quantizes no gradient by fp8.quantize but the other projections'."""
-    from fastsft.kernels import fp8_relu_square_grad as rg
-
-    cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, vocab_size=96, sequence_len=64)
-    model = random_model(cfg).train()
-    model.set_fp8(True)
-    calls = {"two layouts": 0, "e5m2": 0}
-    two_layouts, quantize = rg.quantize_two_layouts, fp8.quantize
-
-    def counting_two_layouts(*args, **kwargs):
-        calls["two layouts"] += 1
-        return two_layouts(*args, **kwargs)
-
-    def counting_quantize(t, dtype):
-        calls["e5m2"] += dtype == fp8.E5M2
-        return quantize(t, dtype)
-
-    monkeypatch.setattr(rg, "quantize_two_layouts", counting_two_layouts)
-    monkeypatch.setattr(fp8, "quantize", counting_quantize)
-    _packed_loss(model).backward()
-    # per layer: dqkv from the slots; c_proj's gradient (its _Linear) and the MLP's output gradient by quantize
-    assert calls == {"two layouts": cfg.n_layer, "e5m2": 2 * cfg.n_layer}
-    for block in model.transformer.h:
-        for name in ("c_q", "c_k", "c_v"):
-            assert getattr(block.attn, name).weight.grad.abs().amax() > 0
-
-
 def test_train_config_fp8_reaches_the_model(tmp_path):
     from fastsft import train as train_mod
     from fastsft.train_config import ConfigError
