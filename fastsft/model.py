@@ -250,9 +250,8 @@ class _QKVProjection(torch.autograd.Function):
     """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the block input x (N, C) and c_q's, c_k's and c_v's
     weights concatenated: qkv = x @ w.T as one fp8 matmul (x quantized once, one scale for the three), then
     `_rotated_normed`. It saves what the fp8 matmul saves (x transposed in fp8, the fp8 weight) and what
-    scaled_norm and rotary saved, not qkv. The backward: one kernel writes dqkv whole and folds its max |.| as it
-    goes (kernels/qkv_grad.py), where autograd's was the norm's backward, its mean(dy * y) and the concatenation of
-    dq, dk and dv, each a pass; one kernel casts dqkv to e5m2 in both layouts from that maximum
+    scaled_norm and rotary saved, not qkv. The backward: `_QKVForAttention`'s kernel for dqkv, which here also folds
+    its max |.| as it goes; one kernel casting dqkv to e5m2 in both layouts from that maximum
     (kernels/fp8_relu_square_grad.py), where inductor took a pass for the maximum and one for the cast; then the two
     fp8 matmuls of dx and dW. Not yet the model's path: `CausalSelfAttention._qkv` takes it once the whole step has
     been measured with it (on the CPU its gradients are `_QKVForAttention`'s bit for bit, tests/test_qkv_grad.py)."""
