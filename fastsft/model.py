@@ -222,39 +222,16 @@ def _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale):
     return q, k, v.contiguous().view(N, n_kv_head, head_dim), (q, k, q_rstd, k_rstd, cos, sin)
 
 
-class _QKVForAttention(torch.autograd.Function):
-    """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the fused projection's qkv by `_rotated_normed`, saving
-    what it returns for the backward: one kernel writing dqkv whole (kernels/qkv_grad.py), where autograd's was the
-    norm's backward, its mean(dy * y) and the concatenation of dq, dk and dv, each a pass. The fp8 matmul before it
-    (`fastsft.fp8.linear`) quantizes dqkv by inductor's passes; `_QKVProjection` is the same unit with that
-    quantization in kernels of its own, not yet the model's path (bench/RESULTS.md, run 14)."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, n_head, n_kv_head, scale):
-        q, k, v, saved = _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale)
-        ctx.save_for_backward(*saved)
-        ctx.scale = scale
-        # views of q and k, not themselves: torch 2.11's dynamo drops the gradient of an output also saved (see
-        # _ScaledNormKeepingOutput)
-        return q.view_as(q), k.view_as(k), v
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        from fastsft.kernels.qkv_grad import qkv_grad
-
-        dqkv = qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), *ctx.saved_tensors, ctx.scale)
-        return dqkv, None, None, None, None, None
-
-
 class _QKVProjection(torch.autograd.Function):
     """The fp8 path's q (N, H, D), k and v (N, Hkv, D) from the block input x (N, C) and c_q's, c_k's and c_v's
     weights concatenated: qkv = x @ w.T as one fp8 matmul (x quantized once, one scale for the three), then
     `_rotated_normed`. It saves what the fp8 matmul saves (x transposed in fp8, the fp8 weight) and what
-    scaled_norm and rotary saved, not qkv. The backward: `_QKVForAttention`'s kernel for dqkv, which here also folds
-    its max |.| as it goes; one kernel casting dqkv to e5m2 in both layouts from that maximum
-    (kernels/fp8_relu_square_grad.py), where inductor took a pass for the maximum and one for the cast; then the two
-    fp8 matmuls of dx and dW. Not yet the model's path: `CausalSelfAttention._qkv` takes it once the whole step has
-    been measured with it (on the CPU its gradients are `_QKVForAttention`'s bit for bit, tests/test_qkv_grad.py)."""
+    scaled_norm and rotary saved, not qkv. The backward: one kernel writing dqkv whole and folding its max |.| as it
+    goes (kernels/qkv_grad.py; autograd's was the norm's backward, its mean(dy * y) and the concatenation of dq, dk
+    and dv, each a pass), one kernel casting dqkv to e5m2 in both layouts from that maximum
+    (kernels/fp8_relu_square_grad.py; inductor took a pass for the maximum and one for the cast), then the two fp8
+    matmuls of dx and dW. 2.4 ms a d12 step and 1.9 at d20 against fp8.linear with the same unit after it
+    (bench/RESULTS.md, run 15)."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, scale, out_dtype):
@@ -367,8 +344,8 @@ class CausalSelfAttention(nn.Module):
             # one fp8 matmul: x quantized once, one scale for the three, and one kernel for its gradient. bf16 keeps
             # three: there the backward's concatenation of dq, dk and dv cost more than the wide matmul saved
             # (bench/RESULTS.md, run 6).
-            qkv = fp8_matmul.linear(x, torch.cat(weights), True)
-            return _QKVForAttention.apply(qkv, cos, sin, self.n_head, self.n_kv_head, scale)
+            return _QKVProjection.apply(x, torch.cat(weights), cos, sin, self.n_head, self.n_kv_head, scale,
+                                        fp8_matmul.output_dtype(x))
         lead = x.shape[:-1]
         q = self.c_q(x).view(*lead, self.n_head, self.head_dim)
         k = self.c_k(x).view(*lead, self.n_kv_head, self.head_dim)

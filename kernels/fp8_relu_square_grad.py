@@ -25,9 +25,8 @@ programs per SM are autotuned per shape from short lists. On an H200 the maximum
 3.0, 0.13 + 0.28 ms a call at d20: 8.3 ms a step where inductor's passes took 11.6 (bench/RESULTS.md, run 12).
 
 dqkv (`quantize_two_layouts`, the cast with DH off): the fp8 q/k/v projection's backward (fastsft/model.py,
-`_QKVProjection`, not yet the model's path: bench/RESULTS.md, run 14) quantizes its (M, (H + 2 Hkv) D) bf16
-gradient for both of its matmuls. Inductor did it in two
-passes, the maximum (0.10 ms a d12 layer, M = 65536, width 2304) and the cast into both layouts (0.25 ms; its
+`_QKVProjection`) quantizes its (M, (H + 2 Hkv) D) bf16 gradient for both of its matmuls. Inductor did it in two passes,
+the maximum (0.10 ms a d12 layer, M = 65536, width 2304) and the cast into both layouts (0.25 ms; its
 transposed one-byte stores strided by M). Here the maximum costs no pass: kernels/qkv_grad.py, which writes dqkv,
 folds max |dqkv| of the values it stores into MAX_SLOTS int32 slots by atomic maxima (a non-negative float orders
 like its bits read as an int32; a NaN is folded as NAN_BITS, above inf's bits, so it wins and reads back as NaN),

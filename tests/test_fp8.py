@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastsft import fp8
+from fastsft.kernels import fp8_relu_square_grad as rg
 from fastsft.model import GPT, GPTConfig
 from tests.helpers import random_model
 
@@ -135,7 +136,7 @@ def _packed_loss(model, seed=0):
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # grouped-query: q, k and v of different widths in one matmul
-def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head):
+def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head, monkeypatch):
     cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=n_kv_head, vocab_size=96, sequence_len=64)
     model = random_model(cfg).train()
     base = _packed_loss(model)
@@ -144,8 +145,13 @@ def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head):
     model.zero_grad(set_to_none=True)
     model.set_fp8(True)
     assert all(b.attn.fp8 and b.mlp.fp8 for b in model.transformer.h)
+    # each layer's q/k/v takes _QKVProjection: dqkv cast by its own kernel, once a layer
+    casts = []
+    two_layouts = rg.quantize_two_layouts
+    monkeypatch.setattr(rg, "quantize_two_layouts", lambda t, *a, **k: casts.append(t.shape) or two_layouts(t, *a, **k))
     loss = _packed_loss(model)
     loss.backward()
+    assert casts == [(64, (4 + 2 * n_kv_head) * 32)] * cfg.n_layer
     assert loss.item() != base.item() and abs(loss.item() - base.item()) < 0.05 * base.item()
     projections = [n for n in base_grads if any(k in n for k in ("c_q", "c_k", "c_v", "c_proj", "c_fc"))]
     assert len(projections) == 2 * 6

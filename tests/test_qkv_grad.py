@@ -2,7 +2,7 @@
 grouped-query heads, head_dim 64 and 128, rows at position 0 and far from it), the maximum it folds into slots (each
 slot's value, NaN, inf, zeros), that definition against autograd's gradient of the forward it inverts, and the
 model's fp8 q/k/v projection (`_QKVProjection`): the forward's bits are fp8.linear's and scaled_norm's, its
-gradients the model's composition's (fp8.linear, then the q/k/v unit with qkv_grad) to the bit, and compiled gradients
+gradients the previous composition's (fp8.linear, then the q/k/v unit with qkv_grad) to the bit, and compiled gradients
 equal eager ones (pytorch issue 180642 dropped them under torch 2.11)."""
 
 import pytest
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from fastsft import fp8
 from fastsft.kernels import fp8_relu_square_grad as rg
 from fastsft.kernels import qkv_grad as qg
-from fastsft.model import (_QKVForAttention, _QKVProjection, _rotated_normed, _scaled_norm_and_rstd, apply_rotary,
-                           rotary_tables, scaled_norm)
+from fastsft.model import (_QKVProjection, _rotated_normed, _scaled_norm_and_rstd, apply_rotary, rotary_tables,
+                           scaled_norm)
 
 SCALE = 1.2
 
@@ -160,8 +160,25 @@ def before_unit(qkv, cos, sin, n_head, n_kv_head):
             v.contiguous().view(M, n_kv_head, head_dim))
 
 
-def models_projection(x, weight, cos, sin, n_head, n_kv_head):
-    return _QKVForAttention.apply(fp8.linear(x, weight, True), cos, sin, n_head, n_kv_head, SCALE)
+class _PreviousUnit(torch.autograd.Function):
+    """The model's q/k/v unit before `_QKVProjection` (run 14's path): `_rotated_normed` of fp8.linear's qkv, its
+    backward qkv_grad alone, so fp8.linear's backward quantized dqkv by torch ops."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head, n_kv_head, scale):
+        q, k, v, saved = _rotated_normed(qkv, cos, sin, n_head, n_kv_head, scale)
+        ctx.save_for_backward(*saved)
+        ctx.scale = scale
+        return q.view_as(q), k.view_as(k), v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        dqkv = qg.qkv_grad(dq.contiguous(), dk.contiguous(), dv.contiguous(), *ctx.saved_tensors, ctx.scale)
+        return dqkv, None, None, None, None, None
+
+
+def previous_projection(x, weight, cos, sin, n_head, n_kv_head):
+    return _PreviousUnit.apply(fp8.linear(x, weight, True), cos, sin, n_head, n_kv_head, SCALE)
 
 
 def projection(x, weight, cos, sin, n_head, n_kv_head):
@@ -219,12 +236,12 @@ def _gradients(fn, x, weights, cos, sin, n_head, n_kv_head, seed=0):
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M, C, n_head, n_kv_head, head_dim", [(48, 80, 3, 1, 16), (32, 48, 4, 2, 32)])
-def test_projection_gradients_are_mains_bit_for_bit(M, C, n_head, n_kv_head, head_dim, dtype, autocast,
+def test_projection_gradients_are_the_previous_paths_bit_for_bit(M, C, n_head, n_kv_head, head_dim, dtype, autocast,
                                                     monkeypatch):
-    """dx and each weight's gradient as the model's composition gave them (fp8.linear, whose backward quantizes dqkv by
+    """dx and each weight's gradient as the previous composition gave them (fp8.linear, whose backward quantizes dqkv by
     torch ops, then the unit): on the CPU both take qkv_grad's and the cast's torch definitions, so the two differ
     only where the new code could (the slots, the cast from them, the wiring). The new backward must not quantize by
-    fp8.quantize and must take the cast from the slots; main's must."""
+    fp8.quantize and must take the cast from the slots; the previous one must."""
     x, weights, cos, sin = projection_inputs(M, C, n_head, n_kv_head, head_dim, dtype, seed=12)
     calls = {"quantize e5m2": 0, "quantize_two_layouts": 0}
     quantize, two_layouts = fp8.quantize, rg.quantize_two_layouts
@@ -242,19 +259,19 @@ def test_projection_gradients_are_mains_bit_for_bit(M, C, n_head, n_kv_head, hea
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         outs, got = _gradients(projection, x, weights, cos, sin, n_head, n_kv_head)
         assert calls == {"quantize e5m2": 0, "quantize_two_layouts": 1}
-        main_outs, want = _gradients(models_projection, x, weights, cos, sin, n_head, n_kv_head)
+        previous_outs, want = _gradients(previous_projection, x, weights, cos, sin, n_head, n_kv_head)
         assert calls == {"quantize e5m2": 1, "quantize_two_layouts": 1}
-    assert all(torch.equal(o, w) for o, w in zip(outs, main_outs))
+    assert all(torch.equal(o, w) for o, w in zip(outs, previous_outs))
     for name, g, w in zip(("x", "c_q", "c_k", "c_v"), got, want):
         assert g.dtype == w.dtype == dtype and torch.equal(g, w), name
         assert g.abs().amax() > 0, name
 
 
-def test_mains_unit_gradcheck():
-    """The reference unit's gradient (`_rotated_normed` and qkv_grad, which _QKVProjection shares) in float64."""
+def test_unit_gradcheck():
+    """The q/k/v unit's gradient (`_rotated_normed` and qkv_grad, which _QKVProjection takes) in float64."""
     M, n_head, n_kv_head, head_dim = 5, 2, 1, 8
     qkv, cos, sin = _qkv(M, n_head, n_kv_head, head_dim, torch.float64, seed=5)
-    f = lambda t: _QKVForAttention.apply(t, cos, sin, n_head, n_kv_head, SCALE)  # noqa: E731
+    f = lambda t: _PreviousUnit.apply(t, cos, sin, n_head, n_kv_head, SCALE)  # noqa: E731
     assert torch.autograd.gradcheck(f, (qkv.requires_grad_(),))
 
 
