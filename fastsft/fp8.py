@@ -2,9 +2,15 @@
 
 Each projection's three matmuls (forward, input gradient, weight gradient) run as `torch._scaled_mm` on float8
 operands with one dynamic scale per tensor: activations and weights in e4m3 (more mantissa), gradients in e5m2
-(more range), products accumulated in fp32 by the tensor cores and written in the autocast dtype. Hopper runs fp8
-at twice the bf16 rate; the quantizations are plain torch ops, so torch.compile fuses each into the kernel that
-produces its operand.
+(more range), written in the autocast dtype. Hopper runs fp8 at twice the bf16 rate; the quantizations are plain
+torch ops, so torch.compile fuses each into the kernel that produces its operand.
+
+Accumulation: the forward and input-gradient matmuls take cuBLAS's fast accumulation (`use_fast_accum`: Hopper's
+fp8 tensor cores keep their narrower accumulator, not promoted to fp32 every few k-steps); their sums run over at
+most 4 x n_embd terms, and their error against the float64 product of the same operands rose from 1.67e-3 to at
+most 2.25e-3 at d12 and d20 (bench/gpu_fp8_scaling.py, RESULTS run 15). The weight gradients sum over every row
+of the batch (65,536 at d12) and keep fp32 promotion: fast, their error rose to 4.5e-3 - 6.6e-3. At d12 the step's
+GPU work fell 2.8 ms (matmuls 1.8).
 
 What stays in bf16: the embeddings, lm_head (the fused loss kernel), the small gates, attention itself, every
 forward without gradients (evaluation, generation), and any matmul whose dimensions are not multiples of 16 (the
@@ -49,8 +55,9 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def _mm(a, a_inv, b, b_inv, out_dtype):
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+def _mm(a, a_inv, b, b_inv, out_dtype, fast_accum=False):
+    """a @ b rescaled; `fast_accum` for the forward and input gradients only (the module's docstring says why)."""
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +68,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _project(x_q, x_inv, weight, out_dtype):
     """x @ weight.T from fp8 x; also returns the fp8 weight and its inverse scale, which the backward reuses."""
     w_q, w_inv = quantize(weight, E4M3)
-    return _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype), w_q, w_inv
+    return _mm(x_q, x_inv, w_q.t(), w_inv, out_dtype, True), w_q, w_inv
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype):
@@ -78,7 +85,7 @@ def linear_grads(g_q, g_qt, g_inv, kept, x_dtype, w_dtype):
     what `linear_forward` kept (x's transpose (K, M) among it): dW = g.T @ x reads both with M contiguous, the only
     layout Hopper's fp8 matmul takes."""
     x_qt, x_inv, w_q, w_inv = kept
-    dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype)
+    dx = _mm(g_q, g_inv, _column_major(w_q), w_inv, x_dtype, True)
     dw = _mm(g_qt, g_inv, x_qt.t(), x_inv, w_dtype)
     return dx, dw
 
@@ -128,13 +135,13 @@ class _ReluSquareMLP(torch.autograd.Function):
         x_dtype, fc_dtype, proj_dtype, h_dtype = ctx.dtypes
         g_q, g_inv = quantize(_rows(grad), E5M2)
         d_proj = _mm(g_q.t().contiguous(), g_inv, a_qt.t(), a_inv, proj_dtype)
-        da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype)  # (4C, M) = W_proj.T @ g.T
+        da_t = _mm(proj_q.t().contiguous(), proj_inv, g_q.t(), g_inv, h_dtype, True)  # (4C, M) = W_proj.T @ g.T
         from fastsft.kernels.fp8_relu_square_grad import relu_square_grad_fp8
 
         # dh = 2 sqrt(a) da quantized into both layouts (dh.T row-major is d_fc's first operand, dh is dx's) by two
         # kernels of its own: its operands and outputs are in memory anyway, where inductor's passes were slow
         dh_tq, dh_q, dh_inv = relu_square_grad_fp8(da_t, a_qt, a_inv, E5M2)
-        dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype)
+        dx = _mm(dh_q, dh_inv, _column_major(fc_q), fc_inv, x_dtype, True)
         d_fc = _mm(dh_tq, dh_inv, x_qt.t(), x_inv, fc_dtype)
         return dx.view(ctx.x_shape), d_fc, d_proj, None
 

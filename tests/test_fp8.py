@@ -86,6 +86,29 @@ def test_relu_square_mlp_matches_its_reference():
         assert _rel(got, want) < 0.15
 
 
+def test_only_weight_gradients_keep_full_precision_accumulation(monkeypatch):
+    """Forward and input-gradient matmuls take fast accumulation (sums of at most 4 x n_embd terms), weight gradients
+    (sums over every row of the batch) do not; told apart by their output shapes (M = 48 rows, C = 32)."""
+    calls = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(a, b, **kwargs):
+        out = scaled_mm(a, b, **kwargs)
+        calls.append((tuple(out.shape), kwargs.get("use_fast_accum", False)))
+        return out
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x = torch.randn(48, 32, requires_grad=True)
+    w, w_fc, w_proj = (torch.randn(*s, requires_grad=True) for s in ((64, 32), (128, 32), (32, 128)))
+    (fp8.linear(x, w, True).square().sum() + fp8.relu_square_mlp(x, w_fc, w_proj).square().sum()).backward()
+    fast = {(48, 64), (48, 32), (48, 128), (128, 48)}  # outputs, dx, c_fc's h, the MLP's da (transposed)
+    weight_grads = {(64, 32), (128, 32), (32, 128)}
+    assert sorted(calls) == sorted([((48, 64), True), ((48, 32), True), ((64, 32), False),  # linear
+                                    ((48, 128), True), ((48, 32), True),  # the MLP's forward
+                                    ((32, 128), False), ((128, 48), True), ((48, 32), True), ((128, 32), False)])
+    assert {s for s, f in calls if f} == fast and {s for s, f in calls if not f} == weight_grads
+
+
 def test_unaligned_shapes_and_no_grad_fall_back_to_the_exact_matmul():
     x, w = _leaves((37, 32), (80, 32))  # 37 rows: not a multiple of 16
     assert not fp8.applies(x, w)
