@@ -62,11 +62,14 @@ step() {
   timeout "$limit" python3 bench/step.py "$@" --json "$out/step.jsonl" 2>&1 | tee "$out/step_$log.log" | short "$tail"
 }
 peer_d20_ran=
-# where the profiled fastsft steps waited, to $out/gaps_NAME.log; printed: the idle time and the per-phase table
+# where the profiled fastsft steps waited, to $out/gaps_NAME.log; printed: the idle time, the per-phase table and
+# the forward's and backward's 5 costliest host ops (the log has 25 a phase)
 phases() {
-  python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 >"$out/gaps_$1.log" 2>&1
+  python3 bench/trace_gaps.py /tmp/fastsft-step-bench/profile_trace.json --top 6 --host-top 25 \
+    >"$out/gaps_$1.log" 2>&1
   head -1 "$out/gaps_$1.log"
   grep -A7 "^per phase" "$out/gaps_$1.log"
+  grep -h -A5 "^host self time in \(forward\|backward\)" "$out/gaps_$1.log" | cut -c1-120
 }
 # base, each variant and each knob: the d20 fp8 step, profiled, with what is alive at its memory peak, and where
 # its GPU waits. variant_step NAME LABEL TIMEOUT [step.py-arguments...]

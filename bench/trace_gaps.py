@@ -1,6 +1,6 @@
 """Where the GPU waits: the idle gaps of a torch.profiler chrome trace and what the host was doing.
 
-    python bench/trace_gaps.py TRACE.json [--min-us 20] [--steps N]
+    python bench/trace_gaps.py TRACE.json [--min-us 20] [--steps N] [--top N] [--host-top N]
 
 A step whose wall time exceeds its GPU kernel time has gaps on the GPU timeline. For each gap this finds the
 kernel that ended it, the host call that launched that kernel, and the CPU ops enclosing that launch. If the
@@ -10,6 +10,8 @@ before, the GPU waited on something else (a copy, an event). Gaps are summed by 
 Then, per phase of the step (the profiler's ranges: data, forward, backward, optimizer), the host's time in the
 phase against the GPU time of the kernels it launched there: a phase whose host time exceeds its kernels' is
 host-bound, and the launches and host time per launch say whether fewer launches or cheaper ones would help.
+Last, where a host-bound phase's time goes: its host ops by self time (an op's time less its child ops' on the
+same thread, so a custom op's own Python, a launch's driver call and a compiled graph's wrapper each count once).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import defaultdict
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "python_function"}
+SELF_TIME_CATS = HOST_CATS | {"cuda_runtime", "cuda_driver"}  # what the host spends its time in, launches included
 PHASES = ("data", "forward", "backward", "optimizer")  # fastsft.profiling's ranges
 
 
@@ -46,7 +49,8 @@ def main() -> None:
     ap.add_argument("trace")
     ap.add_argument("--min-us", type=float, default=20.0, help="ignore gaps shorter than this")
     ap.add_argument("--steps", type=int, default=0, help="divide totals by this many steps (0: count markers)")
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--top", type=int, default=15, help="rows of each gap table")
+    ap.add_argument("--host-top", type=int, default=15, help="rows of each phase's host-op table")
     args = ap.parse_args()
 
     events = load(args.trace)
@@ -95,13 +99,13 @@ def main() -> None:
         for key, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:args.top]:
             print(f"  {us / 1e3 / steps:8.3f} ms  x{n / steps:<6.3g} {key[:150]}")
     print_phases(events, gpu, launches, steps)
+    print_host_ops(events, steps, args.host_top)
 
 
 def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int) -> None:
     """Host time of each phase against the GPU time of the kernels launched inside it (on any host thread: the
     backward's launches come from autograd's device thread, inside the main thread's range)."""
-    ranges = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES),
-                    key=lambda e: e["ts"])
+    ranges = _phase_ranges(events)
     if not ranges:
         return
     starts = [r["ts"] for r in ranges]
@@ -112,8 +116,7 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
         launch = launches.get(e.get("args", {}).get("correlation"))
         if launch is None:
             continue
-        i = bisect.bisect_right(starts, launch["ts"]) - 1
-        name = ranges[i]["name"] if i >= 0 and launch["ts"] <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
+        name = _phase_of(ranges, starts, launch["ts"])
         gpu_us[name] += e["dur"]
         count[name] += 1
     print("\nper phase, ms a step: the host's time in it, the GPU time of what it launched "
@@ -125,6 +128,59 @@ def print_phases(events: list[dict], gpu: list[dict], launches: dict, steps: int
             per = host[name] / count[name] if count[name] else float("nan")
             print(f"  {name:10s} {host[name] / 1e3 / steps:8.2f} {gpu_us[name] / 1e3 / steps:8.2f} {n:9.1f} "
                   f"{per:15.1f}")
+
+
+def _phase_ranges(events: list[dict]) -> list[dict]:
+    return sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES),
+                  key=lambda e: e["ts"])
+
+
+def _phase_of(ranges: list[dict], starts: list[float], ts: float) -> str:
+    i = bisect.bisect_right(starts, ts) - 1
+    return ranges[i]["name"] if i >= 0 and ts <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
+
+
+def self_times(events: list[dict]) -> list[tuple[dict, float]]:
+    """(event, its self time): its duration less its direct children's on the same thread (nested by time)."""
+    by_tid = defaultdict(list)
+    for e in events:
+        if e.get("cat") in SELF_TIME_CATS and not e["name"].startswith("ProfilerStep") and e["name"] not in PHASES:
+            by_tid[(e.get("pid"), e["tid"])].append(e)
+    out = []
+    for ops in by_tid.values():
+        ops.sort(key=lambda o: (o["ts"], -o["dur"]))
+        stack: list[list] = []  # [event, end, children's time]
+        for o in ops:
+            while stack and o["ts"] >= stack[-1][1]:
+                done = stack.pop()
+                out.append((done[0], done[0]["dur"] - done[2]))
+            if stack:
+                stack[-1][2] += o["dur"]
+            stack.append([o, o["ts"] + o["dur"], 0.0])
+        out.extend((d[0], d[0]["dur"] - d[2]) for d in stack)
+    return out
+
+
+def print_host_ops(events: list[dict], steps: int, top: int) -> None:
+    """Per phase, the host ops with the most self time a step (how many a step, and their mean)."""
+    ranges = _phase_ranges(events)
+    if not ranges:
+        return
+    starts = [r["ts"] for r in ranges]
+    table = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for e, own in self_times(events):
+        row = table[_phase_of(ranges, starts, e["ts"])][e["name"]]
+        row[0] += own
+        row[1] += 1
+    for phase in [*PHASES, "(between)"]:
+        if phase not in table:
+            continue
+        ops = sorted(table[phase].items(), key=lambda kv: -kv[1][0])
+        total = sum(us for us, _ in table[phase].values())
+        print(f"\nhost self time in {phase}, ms a step (all ops: {total / 1e3 / steps:.2f}): op, calls a step, "
+              f"us a call")
+        for name, (us, n) in ops[:top]:
+            print(f"  {us / 1e3 / steps:8.3f} ms  x{n / steps:<7.4g} {us / n:8.1f} us  {name[:110]}")
 
 
 if __name__ == "__main__":

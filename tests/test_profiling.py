@@ -193,6 +193,41 @@ def test_trace_gaps_sets_each_phases_host_time_against_the_kernels_it_launched(t
     assert "data" not in rows and "optimizer" not in rows
 
 
+def test_trace_gaps_gives_each_phases_host_ops_by_self_time(tmp_path):
+    """One step. Forward (thread 1): a custom op of 100 us launching a kernel (10 us of driver call) and an mm of
+    30 us launching one (5 us). Backward, from autograd's thread 2: a compiled graph's 200 us wrapping a scaled mm
+    of 50 us whose launch takes 8. Each op's self time is its own less its children's; phases and steps are not ops."""
+    def event(name, cat, ts, dur, tid=1, **args):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+    events = [event("ProfilerStep#1", "user_annotation", 0, 1000), event("forward", "user_annotation", 0, 200),
+              event("backward", "user_annotation", 200, 400),
+              event("fastsft::varlen_attn_fwd", "cpu_op", 10, 100),
+              event("cudaLaunchKernel", "cuda_runtime", 50, 10, correlation=0),
+              event("aten::mm", "cpu_op", 120, 30), event("cudaLaunchKernel", "cuda_runtime", 130, 5, correlation=1),
+              event("CompiledFunctionBackward", "cpu_op", 250, 200, tid=2),
+              event("aten::_scaled_mm", "cpu_op", 300, 50, tid=2),
+              event("cuLaunchKernel", "cuda_driver", 320, 8, tid=2, correlation=2),
+              event("k_fwd_a", "kernel", 60, 30, correlation=0), event("k_fwd_b", "kernel", 160, 30, correlation=1),
+              event("k_bwd", "kernel", 330, 100, correlation=2)]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
+    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+
+    def table(phase):
+        lines = out.split(f"host self time in {phase}")[1].split("\n\n")[0].splitlines()
+        return lines[0], {line.split("us  ")[-1]: line.split()[0] for line in lines[1:]}
+
+    head, forward = table("forward")
+    assert "(all ops: 0.13)" in head
+    assert forward == {"fastsft::varlen_attn_fwd": "0.090", "aten::mm": "0.025", "cudaLaunchKernel": "0.015"}
+    assert "x2 " in out.split("host self time in forward")[1].split("cudaLaunchKernel")[0].splitlines()[-1]
+    head, backward = table("backward")
+    assert backward == {"CompiledFunctionBackward": "0.150", "aten::_scaled_mm": "0.042", "cuLaunchKernel": "0.008"}
+    assert "host self time in data" not in out and "ProfilerStep" not in out.split("host self time")[1]
+
+
 def test_kernel_sources_copies_the_slowest_kernels_of_a_family_from_the_cache(tmp_path):
     cache = tmp_path / "cache"
     (cache / "ab").mkdir(parents=True)
