@@ -2,7 +2,7 @@
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
 #                             fp8budget base variants variant:NAME knob:KEY=VALUE at12 fp8test mempeak train
-#                             peerprof12 eval fp8scaling
+#                             peerprof12 eval fp8scaling hostcost
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -38,6 +38,8 @@
 #   fp8scaling: bench/gpu_fp8_scaling.py (each projection's matmuls with tensorwise fp8 scales, with or without
 #            fast accumulation, or blockwise scales, and one quantization each way): whether blockwise scales, whose
 #            casts need no pass for the maximum, or fast accumulation pay
+#   hostcost: bench/gpu_host_cost.py at d12 and d20 (each op the fp8 step launches a layer, and the optimizer step:
+#            host time a call beside GPU time): which launches make the step host-bound
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
 # attention tests fail, the later parts pin torch's varlen attention instead, and say so.
 # Logs and JSON rows go to $OUT (or /tmp/fastsft-gpu); short tables are printed last.
@@ -115,6 +117,12 @@ for part in "$@"; do
               --peer --no-peer-profile; phases d12_fp8 ;;
     base) variant_step base "variant base" 420 ;;
     at12) variant_shape=(--depth 12 --batch 32); variant_suffix=_d12 ;;
+    hostcost)
+      for m in d12 d20; do
+        timeout 240 python3 bench/gpu_host_cost.py --model $m --json "$out/host_cost_$m.json" 2>&1 \
+          | tee "$out/host_cost_$m.log" | short 18
+      done
+      ;;
     fp8scaling)
       timeout 300 python3 bench/gpu_fp8_scaling.py --json "$out/fp8_scaling.json" 2>&1 | tee "$out/fp8_scaling.log" \
         | short 50

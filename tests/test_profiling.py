@@ -228,6 +228,22 @@ def test_trace_gaps_gives_each_phases_host_ops_by_self_time(tmp_path):
     assert "host self time in data" not in out and "ProfilerStep" not in out.split("host self time")[1]
 
 
+def test_gpu_host_cost_runs_every_op_of_a_layer_on_the_cpu(tmp_path):
+    """bench/gpu_host_cost.py at tiny shapes on the CPU (the GPU's only ops, the Triton launcher's baseline and
+    flash-attn-4, left out): a row per op with both times."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_host_cost.py"
+    rows_file = tmp_path / "rows.json"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--calls", "2", "--json", str(rows_file)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(rows_file.read_text())
+    assert [r["op"] for r in rows] == [
+        "aten add (baseline)", "_scaled_mm (q/k/v forward)", "quantize e4m3 (torch ops, eager)",
+        "relu_square_fp8 (custom op)", "relu_square_grad_fp8 (custom op)", "qkv_grad, maxima (custom op)",
+        "quantize_two_layouts (custom op)", "zero_tail_ (covered batch)", "optimizer step (tiny model, whole)"]
+    assert all(r["host_us"] > 0 and r["gpu_us"] > 0 and r["model"] == "tiny" for r in rows)
+    assert "host against GPU time a call, tiny layer shapes (64 rows" in out
+
+
 def test_kernel_sources_copies_the_slowest_kernels_of_a_family_from_the_cache(tmp_path):
     cache = tmp_path / "cache"
     (cache / "ab").mkdir(parents=True)
