@@ -289,39 +289,48 @@ def _zero_tail_triton(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return x
 
 
+# `covered`: the caller knows that cu_seqlens[-1] == N (the packer's batches, whose row padding is a segment of its
+# own): no token lies past the last segment, so the ops skip zero_tail_ (a launch each for out, dq, dk and dv: 48 a
+# d12 step, each a no-op on such a batch, where the step's host is its bound: bench/RESULTS.md, run 15).
+
+
 @torch.library.custom_op("fastsft::varlen_attn_fwd", mutates_args=())
 def varlen_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                    window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    window: int, backend: str, covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of an OpKernels backend: (out (N, H, D), lse (H, N) float32); tokens past the last segment get 0."""
     out, lse = _OP_KERNELS[backend].forward(q, k, v, cu_seqlens, max_seqlen, window)
+    if covered:
+        return out.contiguous(), lse
     return zero_tail_(out.contiguous(), cu_seqlens), lse  # out is the kernel's own fresh tensor: safe to write
 
 
 @varlen_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, window, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, window, backend, covered=False):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastsft::varlen_attn_bwd", mutates_args=())
 def varlen_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, window: int,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    backend: str, covered: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of an OpKernels backend: (dq, dk, dv), zero for tokens past the last segment."""
     grads = _OP_KERNELS[backend].backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window)
+    if covered:
+        return tuple(g.contiguous() for g in grads)
     dq, dk, dv = (zero_tail_(g.contiguous(), cu_seqlens) for g in grads)  # the kernel's fresh tensors
     return dq, dk, dv
 
 
 @varlen_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window, backend, covered=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, window, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, window, backend, covered = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.window, ctx.backend = max_seqlen, window, backend
+    ctx.max_seqlen, ctx.window, ctx.backend, ctx.covered = max_seqlen, window, backend, covered
     ctx.mark_non_differentiable(lse)
 
 
@@ -330,8 +339,8 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # out unused by the loss
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.window,
-                                 ctx.backend)
-    return dq, dk, dv, None, None, None, None
+                                 ctx.backend, ctx.covered)
+    return dq, dk, dv, None, None, None, None, None
 
 
 varlen_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -450,14 +459,15 @@ _HALF = (torch.bfloat16, torch.float16)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                     window: int = -1, backend: str | None = None) -> torch.Tensor:
+                     window: int = -1, backend: str | None = None, covered: bool = False) -> torch.Tensor:
     """Causal attention inside each segment of a packed token stream.
 
     q: (N, H, D); k, v: (N, Hkv, D) with H % Hkv == 0 (grouped-query attention); cu_seqlens: (S+1,) int32 segment
     starts over the N tokens, padded by repeating the total; max_seqlen: an upper bound on segment length (pass a
     constant such as the row length to keep compiled graphs static); window: left window, < 0 for none;
     backend: one of BACKENDS (or a registered OpKernels name), None for select_backend's choice.
-    Returns (N, H, D) in q's dtype. Tokens at or past cu_seqlens[-1] belong to no segment and come back as zeros.
+    Returns (N, H, D) in q's dtype. Tokens at or past cu_seqlens[-1] belong to no segment and come back as zeros,
+    their gradients too; covered=True promises there are none (cu_seqlens[-1] == N), and nothing is zeroed.
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(f"varlen_attention wants (N, H, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -483,12 +493,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q = q.bfloat16()  # flash kernels run in 16-bit only
     k, v = k.to(q.dtype), v.to(q.dtype)
     if op_kernels is not None:
-        y, _lse = varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen, window, name)  # zeroes the tail itself
+        y, _lse = varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen, window, name, covered)  # zeroes the tail itself
         return y.to(out_dtype)
-    if name in _GPU_ONLY and torch.is_grad_enabled():
+    zero_tail = name in _GPU_ONLY and not covered
+    if zero_tail and torch.is_grad_enabled():
         q, k, v = (_ZeroTailGrad.apply(t, cu_seqlens) for t in (q, k, v))
     y = _IMPLS[name](q, k, v, cu_seqlens, max_seqlen, window)
-    if name in _GPU_ONLY:
+    if zero_tail:
         # Kernels leave tokens past the last segment (unused tail of the stream) uninitialized; a NaN there would
         # poison weight gradients through 0 * NaN, so zero them. Cheap, static-shaped, no host sync.
         y = torch.where(_covered(cu_seqlens, q.shape[0]), y, 0)

@@ -199,6 +199,7 @@ class DeviceBatch:
     lengths: np.ndarray  # conversation lengths (for useful FLOPs)
     state: dict
     epoch: int
+    covered: bool = False  # cu_seqlens[-1] == every token (the packer's batches): attention zeroes no tail
 
     @property
     def num_conversations(self) -> int:
@@ -209,7 +210,7 @@ class DeviceBatch:
         # from the device would stall the host until the forward is done (a Python int would recompile per value).
         return ((self.input_ids, self.targets),
                 dict(position_ids=self.position_ids, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen,
-                     num_supervised=torch.tensor(self.num_supervised)))
+                     num_supervised=torch.tensor(self.num_supervised), covered=self.covered))
 
 
 def check_vocab(packed: PackedBatch, vocab_size: int, where: str = "batch") -> None:
@@ -263,7 +264,8 @@ def to_device(batch: HostBatch, device: torch.device, vocab_size: int, slots: Pi
             check_vocab(p, vocab_size)
         tensors = {k: torch.from_numpy(getattr(p, k)) for k in ARRAYS}
     return DeviceBatch(**tensors, max_seqlen=p.max_seqlen, num_supervised=p.num_supervised, num_tokens=p.num_tokens,
-                       num_truncated=p.num_truncated, lengths=batch.lengths, state=batch.state, epoch=batch.epoch)
+                       num_truncated=p.num_truncated, lengths=batch.lengths, state=batch.state, epoch=batch.epoch,
+                       covered=int(p.cu_seqlens[-1]) == p.input_ids.size)
 
 
 def stage(batch: HostBatch, vocab_size: int, slots: PinnedSlots | None) -> dict | None:

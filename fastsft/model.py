@@ -566,7 +566,7 @@ class GPT(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, *, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None,
-                num_supervised=None):
+                num_supervised=None, covered=False):
         """Logits, or (loss_sum, n_supervised) when targets are given.
 
         idx: int64 (B, T), or the packer's (rows, T) / flattened (N,) input_ids when cu_seqlens is given.
@@ -577,6 +577,8 @@ class GPT(nn.Module):
         kv_cache: a KVCache: idx (B, T) continues the cached sequences; returns logits (B, T, vocab).
         num_supervised: the count of targets != -1 when the host knows it (a 0-dim CPU tensor, so a compiled model
             keeps one graph): the loss then never waits for the device; None counts on the device.
+        covered: the host knows that cu_seqlens[-1] == N, every token in a segment (the packer's batches): attention
+            then zeroes no tail (fastsft.attention.varlen_attention). Rows without cu_seqlens always are.
         Logits are fp32, softcapped, cropped to vocab_size, shaped like idx plus a vocab dim.
         """
         if idx.dtype != torch.long:
@@ -593,20 +595,21 @@ class GPT(nn.Module):
             B, T = idx.shape
             cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=idx.device)
             position_ids = torch.arange(T, device=idx.device).expand(B, T)
-            max_seqlen = T
+            max_seqlen, covered = T, True
         elif position_ids is None:
             raise ValueError("GPT.forward: a packed batch needs position_ids along with cu_seqlens")
-        return self._forward_packed(idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised)
+        return self._forward_packed(idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised, covered)
 
-    def forward_packed(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, targets=None):
+    def forward_packed(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, targets=None, covered=False):
         """The packer's batch: input_ids / position_ids / targets (rows, T) or flattened (N,); cu_seqlens int32 over
         the flattened stream, fixed length, padded by repeating the total. max_seqlen bounds the longest segment;
-        None means the row length T (a constant, so a compiled model keeps one graph). Returns (loss_sum,
-        n_supervised) with targets, else fp32 logits shaped like input_ids plus vocab."""
+        None means the row length T (a constant, so a compiled model keeps one graph). covered: as forward's.
+        Returns (loss_sum, n_supervised) with targets, else fp32 logits shaped like input_ids plus vocab."""
         return self.forward(input_ids, targets, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                            max_seqlen=max_seqlen)
+                            max_seqlen=max_seqlen, covered=covered)
 
-    def _forward_packed(self, idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised=None):
+    def _forward_packed(self, idx, position_ids, cu_seqlens, max_seqlen, targets, num_supervised=None,
+                        covered=False):
         if position_ids.shape != idx.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(idx.shape)}")
         if targets is not None and targets.shape != idx.shape:
@@ -631,7 +634,7 @@ class GPT(nn.Module):
             x = self._smear(x, prev, has_prev[:, None])
 
         def attend(q, k, v, window, layer_idx):
-            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, window)
+            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, window, covered=covered)
 
         hidden = self._blocks(flat_idx, x, cos, sin, attend)  # (N, C)
         if targets is None:

@@ -252,6 +252,29 @@ def test_custom_ops_pass_opcheck(math_backend):
                                                       "math_op"))
 
 
+def test_a_covered_stream_skips_the_tail_zeroing(math_backend, monkeypatch):
+    """covered=True (cu_seqlens[-1] == N, the packer's batches) launches no zero_tail_ for out, dq, dk or dv and
+    changes nothing; without it the op zeroes all four. Both forms pass torch's op checks."""
+    q, k, v, cu = make_inputs([9, 14, 1, 5], 4, 2, head_dim=8, n_pad_entries=2, seed=23)
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    zeroed, zero_tail = [], attention.zero_tail_
+    monkeypatch.setattr(attention, "zero_tail_", lambda x, cu: zeroed.append(x.shape) or zero_tail(x, cu))
+    results = []
+    for covered in (False, True):
+        zeroed.clear()
+        out = varlen_attention(q, k, v, cu, 14, backend="math_op", covered=covered)
+        results.append((out, *torch.autograd.grad((out * grad_out).sum(), (q, k, v))))
+        assert zeroed == ([] if covered else [q.shape, q.shape, k.shape, v.shape])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    torch.library.opcheck(attention.varlen_attn_fwd, (q.detach(), k.detach(), v.detach(), cu, 14, -1, "math_op",
+                                                      True))
+    out, lse = attention.varlen_attn_fwd(q.detach(), k.detach(), v.detach(), cu, 14, -1, "math_op", True)
+    torch.library.opcheck(attention.varlen_attn_bwd, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, cu,
+                                                      14, -1, "math_op", True))
+
+
 def _packing(lengths, rows, seq_len, max_seqs, seed):
     """A packed batch in the packer's layout: (rows*seq_len,) ids and positions, cu_seqlens of max_seqs + 1."""
     g = torch.Generator().manual_seed(seed)
@@ -264,6 +287,32 @@ def _packing(lengths, rows, seq_len, max_seqs, seed):
     assert bounds[-1] == total
     ids = torch.randint(0, 97, (total,), generator=g)
     return ids.view(rows, seq_len), torch.tensor(positions).view(rows, seq_len), torch.tensor(bounds, dtype=torch.int32)
+
+
+def test_the_model_passes_covered_to_every_layer(math_backend, monkeypatch):
+    """forward_packed(covered=True) zeroes no tail in any layer and gives the same logits and gradients."""
+    from fastsft.model import GPT, GPTConfig
+
+    config = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, pos, cu = _packing([20, 12, 9, 23], rows=2, seq_len=32, max_seqs=8, seed=3)
+    zeroed, zero_tail = [], attention.zero_tail_
+    monkeypatch.setattr(attention, "zero_tail_", lambda x, cu: zeroed.append(x.shape) or zero_tail(x, cu))
+    results = []
+    for covered in (False, True):
+        zeroed.clear()
+        model.zero_grad()
+        logits = model.forward_packed(ids, pos, cu, 32, covered=covered)
+        logits.square().mean().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+        assert len(zeroed) == (0 if covered else 4 * config.n_layer)
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("fp8", [False, True])  # fp8: q, k and v from one matmul, their gradient one custom op

@@ -117,6 +117,8 @@ def _batches(source, rows, seq_len, per_batch):
         out.append(to_device(host, torch.device("cpu"), vocab_size=97))
         # the count the loss trusts instead of reading the device: the packer's, equal to the targets' own
         assert int(out[-1].model_inputs()[1]["num_supervised"]) == int((out[-1].targets >= 0).sum()) > 0
+        # the packer's rows end in a padding segment: every token is in one, and the model is told so
+        assert int(out[-1].cu_seqlens[-1]) == rows * seq_len and out[-1].model_inputs()[1]["covered"] is True
     return out
 
 
