@@ -10,7 +10,7 @@ fp8 tensor cores keep their narrower accumulator, not promoted to fp32 every few
 most 4 x n_embd terms, and their error against the float64 product of the same operands rose from 1.67e-3 to at
 most 2.25e-3 at d12 and d20 (bench/gpu_fp8_scaling.py, RESULTS run 15). The weight gradients sum over every row
 of the batch (65,536 at d12) and keep fp32 promotion: fast, their error rose to 4.5e-3 - 6.6e-3. At d12 the step's
-GPU work fell 2.8 ms (matmuls 1.8).
+GPU work fell 2.8 ms (matmuls 1.8); the step itself, host-bound on that machine, moved 0.1 ms.
 
 What stays in bf16: the embeddings, lm_head (the fused loss kernel), the small gates, attention itself, every
 forward without gradients (evaluation, generation), and any matmul whose dimensions are not multiples of 16 (the
