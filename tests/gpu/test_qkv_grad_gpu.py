@@ -3,7 +3,7 @@ config) against its torch definition at d20's shape (32768 rows, 10 + 10 + 10 he
 maximum it folds into slots; the cast of dqkv from those slots (kernels/fp8_relu_square_grad.py, DH off) against
 fastsft.fp8.quantize bit for bit at d12's and d20's dqkv, every config; the fp8 q/k/v projection's forward, eager
 and compiled, with the bits q and k had before it (fp8.linear, then scaled_norm after apply_rotary), and its
-gradients the model's (fp8.linear and the unit, inductor quantizing dqkv) to the bit, eager and compiled. Run on a GPU
+gradients the previous path's (fp8.linear and the unit, inductor quantizing dqkv) to the bit, eager and compiled. Run on a GPU
 machine: `python -m pytest -q -m gpu tests`."""
 
 import pytest
@@ -13,7 +13,7 @@ from fastsft import fp8
 from fastsft.kernels import fp8_relu_square_grad as rg
 from fastsft.kernels import qkv_grad as qg
 from fastsft.model import GPTConfig
-from tests.test_qkv_grad import (SCALE, _gradients, _operands, before_unit, models_projection, projection,
+from tests.test_qkv_grad import (SCALE, _gradients, _operands, before_unit, previous_projection, projection,
                                  projection_inputs)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -122,22 +122,22 @@ def test_projection_forward_has_the_bits_q_and_k_had_under_autocast(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_projection_gradients_are_mains_bit_for_bit(compiled):
-    """dx and c_q's, c_k's and c_v's gradients under autocast as the model's composition gave them (qkv_grad, then
+def test_projection_gradients_are_the_previous_paths_bit_for_bit(compiled):
+    """dx and c_q's, c_k's and c_v's gradients under autocast as the previous composition gave them (qkv_grad, then
     quantize by torch ops, eager, or inductor's code, compiled), with the same output gradients: the kernels' slots
     and cast must give quantize's bits. Compiled, against eager too: zeros for q and k's rows would be torch 2.11's
     dropped gradients (pytorch issue 180642)."""
     M, C, n_head, n_kv_head, head_dim = 4096, 256, 4, 2, 128
     inputs = projection_inputs(M, C, n_head, n_kv_head, head_dim, torch.float32, seed=2, device="cuda")
-    new, main = projection, models_projection
+    new, previous = projection, previous_projection
     if compiled:
         torch._dynamo.reset()
-        new, main = torch.compile(new, fullgraph=True), torch.compile(main, fullgraph=True)
+        new, previous = torch.compile(new, fullgraph=True), torch.compile(previous, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         outs, got = _gradients(new, *inputs, n_head, n_kv_head)
-        main_outs, want = _gradients(main, *inputs, n_head, n_kv_head)
+        previous_outs, want = _gradients(previous, *inputs, n_head, n_kv_head)
         _, eager = _gradients(projection, *inputs, n_head, n_kv_head)
-    assert all(torch.equal(o, w) for o, w in zip(outs, main_outs))
+    assert all(torch.equal(o, w) for o, w in zip(outs, previous_outs))
     for name, g, w, e in zip(("x", "c_q", "c_k", "c_v"), got, want, eager):
         assert torch.equal(g, w), name
         rel = ((g - e).norm() / e.norm()).item()
