@@ -151,21 +151,30 @@ def test_sizes_from_the_data_are_not_specialized(module, kernel, data_args, run_
     assert data_args <= free, f"{kernel}: {sorted(data_args - free)} still specialized"
 
 
-def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp_path):
-    """A CUDA trace names each ProfilerStep#N twice (the host's range and its GPU annotation); per-step numbers
-    divide by the steps, not by the events. Two steps; one 60 us gap whose kernel was launched after the GPU idled."""
-    def event(name, cat, ts, dur, **args):
-        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
+def _event(name, cat, ts, dur, tid=1, **args):
+    """One complete ("X") event of a torch.profiler chrome trace."""
+    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
 
-    events = [event(f"ProfilerStep#{i}", cat, 300 * i, 300) for i in (1, 2)
-              for cat in ("user_annotation", "gpu_user_annotation")]
-    events += [event("aten::mm", "cpu_op", 410, 30), event("cudaLaunchKernel", "cuda_runtime", 420, 5, correlation=7),
-               event("k_first", "kernel", 300, 100, correlation=6), event("k_late", "kernel", 460, 100, correlation=7),
-               event("k_next", "kernel", 565, 100, correlation=8)]
+
+def _trace_gaps(tmp_path, events) -> str:
+    """bench/trace_gaps.py's output for a trace of these events."""
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
-    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp_path):
+    """A CUDA trace names each ProfilerStep#N twice (the host's range and its GPU annotation); per-step numbers
+    divide by the steps, not by the events. Two steps; one 60 us gap whose kernel was launched after the GPU idled."""
+    events = [_event(f"ProfilerStep#{i}", cat, 300 * i, 300) for i in (1, 2)
+              for cat in ("user_annotation", "gpu_user_annotation")]
+    events += [_event("aten::mm", "cpu_op", 410, 30),
+               _event("cudaLaunchKernel", "cuda_runtime", 420, 5, correlation=7),
+               _event("k_first", "kernel", 300, 100, correlation=6),
+               _event("k_late", "kernel", 460, 100, correlation=7), _event("k_next", "kernel", 565, 100, correlation=8)]
+    out = _trace_gaps(tmp_path, events)
     assert "2 steps; GPU span 0.18 ms/step, busy 0.15, idle in gaps > 20 us: 0.03 ms/step" in out
     late = out.split("host late")[1].split("launched in time")[0]
     assert "0.030 ms  x0.5    aten::mm" in late
@@ -174,19 +183,13 @@ def test_trace_gaps_counts_each_profiler_step_once_and_finds_the_late_launch(tmp
 def test_trace_gaps_sets_each_phases_host_time_against_the_kernels_it_launched(tmp_path):
     """One step: the forward's range takes 200 us of host time and launches two kernels of 30 us (host-bound); the
     backward's kernel is launched from another thread (autograd's) inside the backward's range and takes 300 us."""
-    def event(name, cat, ts, dur, tid=1, **args):
-        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
-
-    events = [event("ProfilerStep#1", "user_annotation", 0, 1000), event("forward", "user_annotation", 0, 200),
-              event("backward", "user_annotation", 200, 400)]
+    events = [_event("ProfilerStep#1", "user_annotation", 0, 1000), _event("forward", "user_annotation", 0, 200),
+              _event("backward", "user_annotation", 200, 400)]
     for corr, (ts, tid) in enumerate([(50, 1), (150, 1), (250, 2)]):
-        events.append(event("cudaLaunchKernel", "cuda_runtime", ts, 5, tid=tid, correlation=corr))
-    events += [event("k_fwd_a", "kernel", 60, 30, correlation=0), event("k_fwd_b", "kernel", 160, 30, correlation=1),
-               event("k_bwd", "kernel", 260, 300, correlation=2)]
-    trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps({"traceEvents": events}))
-    script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
-    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+        events.append(_event("cudaLaunchKernel", "cuda_runtime", ts, 5, tid=tid, correlation=corr))
+    events += [_event("k_fwd_a", "kernel", 60, 30, correlation=0), _event("k_fwd_b", "kernel", 160, 30, correlation=1),
+               _event("k_bwd", "kernel", 260, 300, correlation=2)]
+    out = _trace_gaps(tmp_path, events)
     rows = {line.split()[0]: line.split()[1:] for line in out.split("per phase")[1].splitlines()[2:] if line.strip()}
     assert rows["forward"] == ["0.20", "0.06", "2.0", "100.0"]
     assert rows["backward"] == ["0.40", "0.30", "1.0", "400.0"]
@@ -197,23 +200,17 @@ def test_trace_gaps_gives_each_phases_host_ops_by_self_time(tmp_path):
     """One step. Forward (thread 1): a custom op of 100 us launching a kernel (10 us of driver call) and an mm of
     30 us launching one (5 us). Backward, from autograd's thread 2: a compiled graph's 200 us wrapping a scaled mm
     of 50 us whose launch takes 8. Each op's self time is its own less its children's; phases and steps are not ops."""
-    def event(name, cat, ts, dur, tid=1, **args):
-        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
-
-    events = [event("ProfilerStep#1", "user_annotation", 0, 1000), event("forward", "user_annotation", 0, 200),
-              event("backward", "user_annotation", 200, 400),
-              event("fastsft::varlen_attn_fwd", "cpu_op", 10, 100),
-              event("cudaLaunchKernel", "cuda_runtime", 50, 10, correlation=0),
-              event("aten::mm", "cpu_op", 120, 30), event("cudaLaunchKernel", "cuda_runtime", 130, 5, correlation=1),
-              event("CompiledFunctionBackward", "cpu_op", 250, 200, tid=2),
-              event("aten::_scaled_mm", "cpu_op", 300, 50, tid=2),
-              event("cuLaunchKernel", "cuda_driver", 320, 8, tid=2, correlation=2),
-              event("k_fwd_a", "kernel", 60, 30, correlation=0), event("k_fwd_b", "kernel", 160, 30, correlation=1),
-              event("k_bwd", "kernel", 330, 100, correlation=2)]
-    trace = tmp_path / "trace.json"
-    trace.write_text(json.dumps({"traceEvents": events}))
-    script = Path(__file__).resolve().parents[1] / "bench" / "trace_gaps.py"
-    out = subprocess.run([sys.executable, str(script), str(trace)], capture_output=True, text=True, check=True).stdout
+    events = [_event("ProfilerStep#1", "user_annotation", 0, 1000), _event("forward", "user_annotation", 0, 200),
+              _event("backward", "user_annotation", 200, 400),
+              _event("fastsft::varlen_attn_fwd", "cpu_op", 10, 100),
+              _event("cudaLaunchKernel", "cuda_runtime", 50, 10, correlation=0),
+              _event("aten::mm", "cpu_op", 120, 30), _event("cudaLaunchKernel", "cuda_runtime", 130, 5, correlation=1),
+              _event("CompiledFunctionBackward", "cpu_op", 250, 200, tid=2),
+              _event("aten::_scaled_mm", "cpu_op", 300, 50, tid=2),
+              _event("cuLaunchKernel", "cuda_driver", 320, 8, tid=2, correlation=2),
+              _event("k_fwd_a", "kernel", 60, 30, correlation=0), _event("k_fwd_b", "kernel", 160, 30, correlation=1),
+              _event("k_bwd", "kernel", 330, 100, correlation=2)]
+    out = _trace_gaps(tmp_path, events)
 
     def table(phase):
         lines = out.split(f"host self time in {phase}")[1].split("\n\n")[0].splitlines()
