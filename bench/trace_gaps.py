@@ -11,7 +11,8 @@ Then, per phase of the step (the profiler's ranges: data, forward, backward, opt
 phase against the GPU time of the kernels it launched there: a phase whose host time exceeds its kernels' is
 host-bound, and the launches and host time per launch say whether fewer launches or cheaper ones would help.
 Last, where a host-bound phase's time goes: its host ops by self time (an op's time less its child ops' on the
-same thread, so a custom op's own Python, a launch's driver call and a compiled graph's wrapper each count once).
+same thread, so a custom op's own Python, a launch's driver call and a compiled graph's wrapper each count once),
+and its launches, memsets and copies by the op that made them (which op's 11 memsets a layer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections import defaultdict
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "python_function"}
 SELF_TIME_CATS = HOST_CATS | {"cuda_runtime", "cuda_driver"}  # what the host spends its time in, launches included
+ENQUEUE_WORDS = ("Launch", "Memset", "Memcpy")  # runtime / driver calls that put work on the GPU
 PHASES = ("data", "forward", "backward", "optimizer")  # fastsft.profiling's ranges
 
 
@@ -140,8 +142,9 @@ def _phase_of(ranges: list[dict], starts: list[float], ts: float) -> str:
     return ranges[i]["name"] if i >= 0 and ts <= ranges[i]["ts"] + ranges[i]["dur"] else "(between)"
 
 
-def self_times(events: list[dict]) -> list[tuple[dict, float]]:
-    """(event, its self time): its duration less its direct children's on the same thread (nested by time)."""
+def self_times(events: list[dict]) -> list[tuple[dict, float, str]]:
+    """(event, its self time, its parent's name): its duration less its direct children's on the same thread
+    (nested by time); the parent is the innermost op around it ("(no host op)" for none)."""
     by_tid = defaultdict(list)
     for e in events:
         if e.get("cat") in SELF_TIME_CATS and not e["name"].startswith("ProfilerStep") and e["name"] not in PHASES:
@@ -149,29 +152,36 @@ def self_times(events: list[dict]) -> list[tuple[dict, float]]:
     out = []
     for ops in by_tid.values():
         ops.sort(key=lambda o: (o["ts"], -o["dur"]))
-        stack: list[list] = []  # [event, end, children's time]
+        stack: list[list] = []  # [event, end, children's time, parent's name]
         for o in ops:
             while stack and o["ts"] >= stack[-1][1]:
                 done = stack.pop()
-                out.append((done[0], done[0]["dur"] - done[2]))
+                out.append((done[0], done[0]["dur"] - done[2], done[3]))
+            parent = stack[-1][0]["name"] if stack else "(no host op)"
             if stack:
                 stack[-1][2] += o["dur"]
-            stack.append([o, o["ts"] + o["dur"], 0.0])
-        out.extend((d[0], d[0]["dur"] - d[2]) for d in stack)
+            stack.append([o, o["ts"] + o["dur"], 0.0, parent])
+        out.extend((d[0], d[0]["dur"] - d[2], d[3]) for d in stack)
     return out
 
 
 def print_host_ops(events: list[dict], steps: int, top: int) -> None:
-    """Per phase, the host ops with the most self time a step (how many a step, and their mean)."""
+    """Per phase, the host ops with the most self time a step (how many a step, and their mean), then the calls
+    that enqueue GPU work (launches, memsets, copies) by the op that made them, most frequent first."""
     ranges = _phase_ranges(events)
     if not ranges:
         return
     starts = [r["ts"] for r in ranges]
     table = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
-    for e, own in self_times(events):
-        row = table[_phase_of(ranges, starts, e["ts"])][e["name"]]
-        row[0] += own
-        row[1] += 1
+    enqueued = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for e, own, parent in self_times(events):
+        phase = _phase_of(ranges, starts, e["ts"])
+        rows = [table[phase][e["name"]]]
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(w in e["name"] for w in ENQUEUE_WORDS):
+            rows.append(enqueued[phase][f"{parent} > {e['name']}"])
+        for row in rows:
+            row[0] += own
+            row[1] += 1
     for phase in [*PHASES, "(between)"]:
         if phase not in table:
             continue
@@ -181,6 +191,10 @@ def print_host_ops(events: list[dict], steps: int, top: int) -> None:
               f"us a call")
         for name, (us, n) in ops[:top]:
             print(f"  {us / 1e3 / steps:8.3f} ms  x{n / steps:<7.4g} {us / n:8.1f} us  {name[:110]}")
+        if enqueued[phase]:
+            print(f"GPU work enqueued in {phase}, by the op around the call: calls a step, the calls' own host time")
+            for name, (us, n) in sorted(enqueued[phase].items(), key=lambda kv: -kv[1][1])[:top]:
+                print(f"  x{n / steps:<7.4g} {us / 1e3 / steps:8.3f} ms  {name[:120]}")
 
 
 if __name__ == "__main__":

@@ -197,12 +197,14 @@ def test_trace_gaps_sets_each_phases_host_time_against_the_kernels_it_launched(t
 
 
 def test_trace_gaps_gives_each_phases_host_ops_by_self_time(tmp_path):
-    """One step. Forward (thread 1): a custom op of 100 us launching a kernel (10 us of driver call) and an mm of
-    30 us launching one (5 us). Backward, from autograd's thread 2: a compiled graph's 200 us wrapping a scaled mm
-    of 50 us whose launch takes 8. Each op's self time is its own less its children's; phases and steps are not ops."""
+    """One step. Forward (thread 1): a custom op of 100 us launching a kernel (10 us of driver call) after a memset
+    (2 us), and an mm of 30 us launching one (5 us). Backward, from autograd's thread 2: a compiled graph's 200 us
+    wrapping a scaled mm of 50 us whose launch takes 8. Each op's self time is its own less its children's; phases
+    and steps are not ops; each launch and memset is counted under the op that made it."""
     events = [_event("ProfilerStep#1", "user_annotation", 0, 1000), _event("forward", "user_annotation", 0, 200),
               _event("backward", "user_annotation", 200, 400),
               _event("fastsft::varlen_attn_fwd", "cpu_op", 10, 100),
+              _event("cudaMemsetAsync", "cuda_runtime", 20, 2),
               _event("cudaLaunchKernel", "cuda_runtime", 50, 10, correlation=0),
               _event("aten::mm", "cpu_op", 120, 30), _event("cudaLaunchKernel", "cuda_runtime", 130, 5, correlation=1),
               _event("CompiledFunctionBackward", "cpu_op", 250, 200, tid=2),
@@ -212,16 +214,23 @@ def test_trace_gaps_gives_each_phases_host_ops_by_self_time(tmp_path):
               _event("k_bwd", "kernel", 330, 100, correlation=2)]
     out = _trace_gaps(tmp_path, events)
 
-    def table(phase):
-        lines = out.split(f"host self time in {phase}")[1].split("\n\n")[0].splitlines()
-        return lines[0], {line.split("us  ")[-1]: line.split()[0] for line in lines[1:]}
+    def tables(phase):
+        section = out.split(f"host self time in {phase}")[1].split("\n\n")[0]
+        own, enqueued = section.split("GPU work enqueued")
+        lines = own.splitlines()
+        return (lines[0], {line.split("us  ")[-1]: line.split()[0] for line in lines[1:]},
+                {line.split("ms  ")[-1]: line.split()[0] for line in enqueued.splitlines()[1:]})
 
-    head, forward = table("forward")
+    head, forward, enqueued = tables("forward")
     assert "(all ops: 0.13)" in head
-    assert forward == {"fastsft::varlen_attn_fwd": "0.090", "aten::mm": "0.025", "cudaLaunchKernel": "0.015"}
+    assert forward == {"fastsft::varlen_attn_fwd": "0.088", "aten::mm": "0.025", "cudaLaunchKernel": "0.015",
+                       "cudaMemsetAsync": "0.002"}
     assert "x2 " in out.split("host self time in forward")[1].split("cudaLaunchKernel")[0].splitlines()[-1]
-    head, backward = table("backward")
+    assert enqueued == {"fastsft::varlen_attn_fwd > cudaMemsetAsync": "x1",
+                        "fastsft::varlen_attn_fwd > cudaLaunchKernel": "x1", "aten::mm > cudaLaunchKernel": "x1"}
+    head, backward, enqueued = tables("backward")
     assert backward == {"CompiledFunctionBackward": "0.150", "aten::_scaled_mm": "0.042", "cuLaunchKernel": "0.008"}
+    assert enqueued == {"aten::_scaled_mm > cuLaunchKernel": "x1"}
     assert "host self time in data" not in out and "ProfilerStep" not in out.split("host self time")[1]
 
 
