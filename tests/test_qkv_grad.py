@@ -236,8 +236,8 @@ def _gradients(fn, x, weights, cos, sin, n_head, n_kv_head, seed=0):
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M, C, n_head, n_kv_head, head_dim", [(48, 80, 3, 1, 16), (32, 48, 4, 2, 32)])
-def test_projection_gradients_are_the_previous_paths_bit_for_bit(M, C, n_head, n_kv_head, head_dim, dtype, autocast,
-                                                    monkeypatch):
+def test_projection_gradients_are_the_previous_paths_bit_for_bit(M, C, n_head, n_kv_head, head_dim, dtype,
+                                                                  autocast, monkeypatch):
     """dx and each weight's gradient as the previous composition gave them (fp8.linear, whose backward quantizes dqkv by
     torch ops, then the unit): on the CPU both take qkv_grad's and the cast's torch definitions, so the two differ
     only where the new code could (the slots, the cast from them, the wiring). The new backward must not quantize by

@@ -1,9 +1,9 @@
 """kernels/qkv_grad.py compiled for the GPU, in bf16 and fp32: the kernel (autotuned through the custom op, and each
 config) against its torch definition at d20's shape (32768 rows, 10 + 10 + 10 heads of 128) and odd ones, with the
 maximum it folds into slots; the cast of dqkv from those slots (kernels/fp8_relu_square_grad.py, DH off) against
-fastsft.fp8.quantize bit for bit at d12's and d20's dqkv, every config; the fp8 q/k/v projection's forward, eager
-and compiled, with the bits q and k had before it (fp8.linear, then scaled_norm after apply_rotary), and its
-gradients the previous path's (fp8.linear and the unit, inductor quantizing dqkv) to the bit, eager and compiled. Run on a GPU
+fastsft.fp8.quantize bit for bit at d12's and d20's dqkv, every config; the fp8 q/k/v projection's forward, eager and
+compiled, with the bits q and k had before it (fp8.linear, then scaled_norm after apply_rotary), and its gradients
+the previous path's (fp8.linear and the unit, inductor quantizing dqkv) to the bit, eager and compiled. Run on a GPU
 machine: `python -m pytest -q -m gpu tests`."""
 
 import pytest
