@@ -299,9 +299,8 @@ def varlen_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     window: int, backend: str, covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of an OpKernels backend: (out (N, H, D), lse (H, N) float32); tokens past the last segment get 0."""
     out, lse = _OP_KERNELS[backend].forward(q, k, v, cu_seqlens, max_seqlen, window)
-    if covered:
-        return out.contiguous(), lse
-    return zero_tail_(out.contiguous(), cu_seqlens), lse  # out is the kernel's own fresh tensor: safe to write
+    out = out.contiguous()
+    return (out if covered else zero_tail_(out, cu_seqlens)), lse  # the kernel's own fresh tensor: safe to write
 
 
 @varlen_attn_fwd.register_fake
@@ -315,10 +314,8 @@ def varlen_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     backend: str, covered: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of an OpKernels backend: (dq, dk, dv), zero for tokens past the last segment."""
     grads = _OP_KERNELS[backend].backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, window)
-    if covered:
-        return tuple(g.contiguous() for g in grads)
-    dq, dk, dv = (zero_tail_(g.contiguous(), cu_seqlens) for g in grads)  # the kernel's fresh tensors
-    return dq, dk, dv
+    grads = tuple(g.contiguous() for g in grads)
+    return grads if covered else tuple(zero_tail_(g, cu_seqlens) for g in grads)  # the kernel's fresh tensors
 
 
 @varlen_attn_bwd.register_fake

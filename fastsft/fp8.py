@@ -19,8 +19,8 @@ generation; `fp8 = true` refuses a run where none could take fp8 (`check_support
 
 Memory: a projection keeps its input for the weight gradient as fp8 (1 byte instead of 2), and the MLP keeps fp8
 x and fp8 relu^2 only (where bf16 keeps c_fc's output in 2 bytes; `_ReluSquareMLP` says why that is enough). q, k
-and v are one fp8 matmul (the model's `_qkv`, `_QKVProjection`), built from `linear_forward` and `linear_grads`,
-whose gradient is quantized by kernels of its own, not by inductor.
+and v are one fp8 matmul (the model's `_QKVProjection`, from `linear_forward` and `linear_grads`), whose gradient is
+quantized by kernels of its own, not by inductor.
 """
 
 from __future__ import annotations

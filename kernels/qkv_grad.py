@@ -2,11 +2,11 @@
 
 Why: with fp8 the model takes q, k and v from one matmul (fastsft/model.py, `_QKVProjection`, with `maxima`), and
 rotates and norms q and k keeping only the normed output and 1/rms. Autograd's backward for that ran the norm's
-backward, its mean(dy * y) as a reduction of its own, and the concatenation of dq, dk and dv into the (N, 3840) gradient
-of qkv as separate passes: 7.1 ms of a d20 step, all bound by memory (bench/RESULTS.md, run 12).
-Here each program reads its rows of one head's gradient and normed output once and writes its columns of dqkv in
-place: 0.68 GB a d20 layer. On an H200 it takes 0.17 ms (4.0 TB/s) where inductor's code for the same math took
-0.41, and the d20 fp8 step fell from 178.2 to 174.7 ms (bench/RESULTS.md, run 13).
+backward, its mean(dy * y) as a reduction of its own, and the concatenation of dq, dk and dv into the (N, 3840)
+gradient of qkv as separate passes: 7.1 ms of a d20 step, all bound by memory (bench/RESULTS.md, run 12). Here each
+program reads its rows of one head's gradient and normed output once and writes its columns of dqkv in place: 0.68
+GB a d20 layer. On an H200 it takes 0.17 ms (4.0 TB/s) where inductor's code for the same math took 0.41, and the
+d20 fp8 step fell from 178.2 to 174.7 ms (bench/RESULTS.md, run 13).
 
 The math, per row and head of q and of k (out = scale * y the forward's output, y = r * rstd, r = rotary(x)):
     dy = scale * grad, dr = rstd * (dy - y * mean(dy * y))           the norm's backward

@@ -159,7 +159,7 @@ def _packed_loss(model, seed=0):
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # grouped-query: q, k and v of different widths in one matmul
-def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head, monkeypatch):
+def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head):
     cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=n_kv_head, vocab_size=96, sequence_len=64)
     model = random_model(cfg).train()
     base = _packed_loss(model)
@@ -168,13 +168,8 @@ def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head, monkey
     model.zero_grad(set_to_none=True)
     model.set_fp8(True)
     assert all(b.attn.fp8 and b.mlp.fp8 for b in model.transformer.h)
-    # each layer's q/k/v takes _QKVProjection: dqkv cast by its own kernel, once a layer
-    casts = []
-    two_layouts = rg.quantize_two_layouts
-    monkeypatch.setattr(rg, "quantize_two_layouts", lambda t, *a, **k: casts.append(t.shape) or two_layouts(t, *a, **k))
     loss = _packed_loss(model)
     loss.backward()
-    assert casts == [(64, (4 + 2 * n_kv_head) * 32)] * cfg.n_layer
     assert loss.item() != base.item() and abs(loss.item() - base.item()) < 0.05 * base.item()
     projections = [n for n in base_grads if any(k in n for k in ("c_q", "c_k", "c_v", "c_proj", "c_fc"))]
     assert len(projections) == 2 * 6
@@ -186,6 +181,36 @@ def test_model_with_fp8_projections_trains_like_full_precision(n_kv_head, monkey
         fp8_eval = _packed_loss(model)
         model.set_fp8(False)
         assert torch.equal(fp8_eval, _packed_loss(model))
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_model_fp8_qkv_is_one_projection_with_its_own_gradient_cast(n_kv_head, monkeypatch):
+    """Each layer's q, k and v come from `_QKVProjection`, whose backward casts the whole (N, (H + 2 Hkv) D) dqkv
+    from qkv_grad's slots (quantize_two_layouts, once a layer) and quantizes no gradient by fp8.quantize but the
+    other projections'."""
+    cfg = GPTConfig(n_layer=2, n_embd=128, n_head=4, n_kv_head=n_kv_head, vocab_size=96, sequence_len=64)
+    model = random_model(cfg).train()
+    model.set_fp8(True)
+    casts, e5m2 = [], []
+    two_layouts, quantize = rg.quantize_two_layouts, fp8.quantize
+
+    def counting_two_layouts(t, *args, **kwargs):
+        casts.append(tuple(t.shape))
+        return two_layouts(t, *args, **kwargs)
+
+    def counting_quantize(t, dtype):
+        e5m2.extend([dtype] if dtype == fp8.E5M2 else [])
+        return quantize(t, dtype)
+
+    monkeypatch.setattr(rg, "quantize_two_layouts", counting_two_layouts)
+    monkeypatch.setattr(fp8, "quantize", counting_quantize)
+    _packed_loss(model).backward()
+    assert casts == [(64, (4 + 2 * n_kv_head) * 32)] * cfg.n_layer
+    # per layer: c_proj's gradient (its _Linear) and the MLP's output gradient by quantize
+    assert len(e5m2) == 2 * cfg.n_layer
+    for block in model.transformer.h:
+        for name in ("c_q", "c_k", "c_v"):
+            assert getattr(block.attn, name).weight.grad.abs().amax() > 0
 
 
 def test_train_config_fp8_reaches_the_model(tmp_path):
