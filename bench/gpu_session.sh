@@ -2,7 +2,7 @@
 # Every GPU check of a session in named parts, on a lent GPU machine (no network):
 #   bash bench/gpu_session.sh check suite step20 step12 plain20 micro micro12 budget keepmlp keepmlp12 fp8_20 fp8_12
 #                             fp8budget base variants variant:NAME knob:KEY=VALUE at12 fp8test mempeak train
-#                             peerprof12 eval fp8scaling hostcost
+#                             peerprof12 eval fp8scaling hostcost bundle
 #   check:   the GPU test set (python -m pytest -m gpu tests) and bench/gpu_attention.py (FA4 through the custom op)
 #   suite:   the benchmark suite, python -m pytest bench --benchmark-only (kernels against references, the step)
 #   step20:  bench/step.py at d20 (16x2048) beside nanochat's step (needs .peer/), both sides profiled (GPU time
@@ -40,6 +40,9 @@
 #            casts need no pass for the maximum, or fast accumulation pay
 #   hostcost: bench/gpu_host_cost.py at d12 and d20 (each op the fp8 step launches a layer, and the optimizer step:
 #            host time a call beside GPU time): which launches make the step host-bound
+#   bundle:  (last) the logs (*.log, *.json) and folders this command wrote moved into $out/bundle.tgz; the step
+#            rows (step.jsonl) and other files stay: for transfers that bring back only a few files (a session of
+#            variants writes dozens, and such a transfer may leave out the step rows)
 # flash-attn-4, when wanted, is installed before (../shared/tools/fa4_wheels.sh says how) and on PYTHONPATH; if its
 # attention tests fail, the later parts pin torch's varlen attention instead, and say so.
 # Logs and JSON rows go to $OUT (or /tmp/fastsft-gpu); short tables are printed last.
@@ -47,6 +50,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/fastsft-gpu}
 mkdir -p "$out"
+started=$(mktemp)  # its time: what this command wrote in $out is newer (the bundle part)
+trap 'rm -f "$started" "$started.list"' EXIT
 export PYTHONUNBUFFERED=1 PYTORCH_ALLOC_CONF=expandable_segments:True
 if ! python3 -c "import fastsft._C" 2>/dev/null; then
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
@@ -177,6 +182,11 @@ for part in "$@"; do
       ;;
     eval)
       python3 bench/gpu_eval.py --json "$out/eval.json" 2>&1 | tee "$out/eval.log" | tail -15
+      ;;
+    bundle)
+      (cd "$out" && find . -mindepth 1 -maxdepth 1 -newer "$started" \( -type d -o -name '*.log' -o -name '*.json' \) \
+        -printf '%P\n' >"$started.list" && [ -s "$started.list" ] && tar czf bundle.tgz -T "$started.list" \
+        && xargs -d '\n' rm -rf <"$started.list" && echo "bundle.tgz: $(wc -l <"$started.list") entries")
       ;;
     *) echo "unknown part $part" ;;
   esac
