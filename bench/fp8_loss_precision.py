@@ -133,7 +133,7 @@ def checkpoint_inputs(path: str, rows: int):
 
 
 def random_inputs(rows: int, vocab: int, width: int, seed: int = 0):
-    """Normalized rows (as the final norm gives) and a lm_head of nanochat's initial scale: untrained logits."""
+    """Normalized rows (as the final norm gives) and a small random lm_head (std 0.02): untrained logits."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, width, generator=gen)
     h = h / h.pow(2).mean(dim=1, keepdim=True).sqrt()
