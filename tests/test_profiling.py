@@ -244,8 +244,9 @@ def test_gpu_host_cost_runs_every_op_of_a_layer_on_the_cpu(tmp_path):
     rows = json.loads(rows_file.read_text())
     assert [r["op"] for r in rows] == [
         "aten add (baseline)", "custom op, empty body (dispatch alone)", "_scaled_mm (q/k/v forward)",
-        "quantize e4m3 (torch ops, eager)", "relu_square_fp8 (custom op)", "relu_square_grad_fp8 (custom op)", "qkv_grad, maxima (custom op)",
-        "quantize_two_layouts (custom op)", "zero_tail_ (covered batch)", "optimizer step (tiny model, whole)"]
+        "quantize e4m3 (torch ops, eager)", "relu_square_fp8 (custom op)", "relu_square_grad_fp8 (custom op)",
+        "qkv_grad, maxima (custom op)", "quantize_two_layouts (custom op)", "zero_tail_ (covered batch)",
+        "optimizer step (tiny model, whole)"]
     assert all(r["host_us"] > 0 and r["gpu_us"] > 0 and r["model"] == "tiny" for r in rows)
     assert "host against GPU time a call, tiny layer shapes (64 rows" in out
 
