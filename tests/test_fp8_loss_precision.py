@@ -65,3 +65,39 @@ def test_a_checkpoints_hidden_states_reach_the_comparison(tmp_path, capsys):
     assert all(r["dh_error"] > 0 and r["dw_error"] > 0 for r in rows)
     assert "checkpoint ck" in capsys.readouterr().out
     assert (tmp_path / "rows.json").is_file()
+
+
+def test_the_training_emulation_is_cross_entropys_sum_in_float64():
+    import fp8_loss_training as lt
+
+    h, w, targets, _ = lp.random_inputs(29, 97, 16, seed=2)
+    targets[::3] = -1  # unsupervised rows: no loss, no gradient
+    h, w = h.double().requires_grad_(), (w * 40).double().requires_grad_()
+    loss = lt.EmulatedLoss.apply(h, w, targets, 15.0, "fp64")
+    loss.backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    z = ref_h @ ref_w.T
+    ref = F.cross_entropy(15.0 * torch.tanh(z / 15.0), targets, ignore_index=-1, reduction="sum")
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-10, atol=1e-14)
+    assert h.grad[::3].abs().max() == 0
+
+
+def test_a_run_trains_through_the_emulated_loss_and_gives_the_model_its_own_back(tmp_path, monkeypatch):
+    import fp8_loss_training as lt
+    from fastsft.model import GPT
+
+    rounded = []
+    e5m2 = lp.DLOGITS["fp8"]
+    monkeypatch.setitem(lp.DLOGITS, "fp8", lambda d: rounded.append(d.shape) or e5m2(d))
+    own = GPT.supervised_loss
+    args = ["--format", "fp8", f"--out_dir={tmp_path}", "--data=synthetic:spell?size=200", "--model.n_layer=1",
+            "--model.n_embd=64", "--model.n_head=2", "--model.n_kv_head=2", "--seq_len=128", "--device_batch_size=2",
+            "--tokenizer_vocab_size=300", "--eval_every=0", "--answer_accuracy=false", "--samples=0",
+            "--eval_metrics=", "--target_examples_per_step=0", "--target_tokens_per_step=256", "--num_iterations=2"]
+    assert lt.main(args) == 0
+    assert len(rounded) == 2  # one training step each, evaluation on the model's own loss
+    assert GPT.supervised_loss is own
+    assert (tmp_path / "summary.json").is_file()
