@@ -73,17 +73,24 @@ def loss_and_grads(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, soft
     the forward's operands, the backward's h and W and dlogits rounded as named (FORWARD, BACKWARD, DLOGITS),
     float64 products."""
     h, w = h.double(), w.double()
+    losses, d = losses_and_dlogits(h, w, targets, softcap, forward)
+    d = DLOGITS[dlogits](d) / len(targets)
+    return losses.mean().item(), d @ BACKWARD[backward](w), d.T @ BACKWARD[backward](h)
+
+
+def losses_and_dlogits(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                       forward: str = "fp64"):
+    """Each row's cross-entropy over softcapped logits h @ w.T (operands rounded per FORWARD[forward], float64
+    products) and dlogits = (softmax - onehot) * softcap', unrounded: d(sum of the losses) / d(h @ w.T)."""
     z = FORWARD[forward](h) @ FORWARD[forward](w).T
     logits = softcap * torch.tanh(z / softcap) if softcap else z
     logp = torch.log_softmax(logits, dim=1)
     rows = torch.arange(len(targets))
-    loss = -logp[rows, targets].mean()
     d = logp.exp()
     d[rows, targets] -= 1
     if softcap:
         d *= 1 - torch.tanh(z / softcap) ** 2
-    d = DLOGITS[dlogits](d) / len(targets)
-    return loss.item(), d @ BACKWARD[backward](w), d.T @ BACKWARD[backward](h)
+    return -logp[rows, targets], d
 
 
 def relative(a: torch.Tensor, ref: torch.Tensor) -> float:

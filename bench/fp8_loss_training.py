@@ -34,18 +34,11 @@ class EmulatedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, fmt):
         keep = targets != -1
-        h, y = hidden[keep].double(), targets[keep]
-        z = lp.FORWARD[fmt](h) @ lp.FORWARD[fmt](weight.double()).T
-        logits = softcap * torch.tanh(z / softcap) if softcap else z
-        logp = torch.log_softmax(logits, dim=1)
-        rows = torch.arange(len(y))
-        d = logp.exp()
-        d[rows, y] -= 1
-        if softcap:
-            d *= 1 - torch.tanh(z / softcap) ** 2
+        h = hidden[keep].double()
+        losses, d = lp.losses_and_dlogits(h, weight.double(), targets[keep], softcap, fmt)
         ctx.save_for_backward(keep, h, weight, lp.DLOGITS[fmt](d))
         ctx.fmt, ctx.dtypes = fmt, (hidden.dtype, weight.dtype)
-        return -logp[rows, y].sum().to(hidden.dtype)
+        return losses.sum().to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad):
